@@ -1,0 +1,1 @@
+"""Data: ingest, shards, decoding, transforms, the streaming pipeline, synthetic physics clips."""

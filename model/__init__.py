@@ -1,0 +1,1 @@
+"""Model code: single-device only; parallelism is applied from vdit.train.parallel."""

@@ -1,0 +1,1 @@
+"""Training: config schemas, the Trainer, checkpoints, EMA, optimizers, logging."""
