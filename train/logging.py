@@ -1,0 +1,89 @@
+"""One owner for run output on rank 0: console progress bar, ``metrics.jsonl`` and wandb.
+
+Keys are namespaced (``loss/train``, ``optim/lr``, ``perf/data_wait_frac``, ``data/skipped``).
+Callers convert tensors to numbers only at the log interval, so there is one host sync per log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from vdit.train.config import WandbConfig
+
+log = logging.getLogger(__name__)
+
+
+class RunLogger:
+    """Writes metrics for one run (no-op on ranks other than 0).
+
+    Args:
+        run_dir: the run directory; ``metrics.jsonl`` and ``wandb/`` go there.
+        wandb_cfg: wandb mode (``offline`` default, ``online``, ``disabled``), project, entity, name.
+        config: the resolved config (a plain dict) stored with the wandb run.
+        total_steps, start_step: for the progress bar (steps).
+        is_main: rank 0.
+    """
+
+    def __init__(self, run_dir: str, wandb_cfg: WandbConfig, config: dict[str, Any], total_steps: int,
+                 start_step: int = 0, is_main: bool = True):
+        self.is_main = is_main
+        self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.wandb = None
+        self.bar = None
+        if not is_main:
+            return
+        os.makedirs(run_dir, exist_ok=True)
+        if wandb_cfg.mode != "disabled":
+            import wandb
+
+            os.environ.setdefault("WANDB_SILENT", "true")
+            self.wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity,
+                                    name=wandb_cfg.name or os.path.basename(os.path.abspath(run_dir)),
+                                    dir=run_dir, mode=wandb_cfg.mode, config=config, resume="allow")
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
+                        mininterval=1.0, disable=None)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Append ``{"step": step, "time": unix seconds, **metrics}`` to metrics.jsonl and wandb."""
+        if not self.is_main:
+            return
+        row = {"step": step, "time": round(time.time(), 3), **metrics}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if self.bar is not None and "loss/train" in metrics:
+            self.bar.set_postfix(loss=f"{metrics['loss/train']:.4f}", lr=f"{metrics.get('optim/lr', 0):.2e}")
+
+    def advance(self, n: int = 1) -> None:
+        """Move the progress bar by ``n`` steps (shows it/s and ETA)."""
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.wandb is not None:
+            for k, v in values.items():
+                self.wandb.summary[k] = v
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    """All rows of ``{run_dir}/metrics.jsonl`` (empty if absent)."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -1,0 +1,305 @@
+"""The Trainer: build every component from a :class:`TrainConfig`, then ``fit()``.
+
+``fit()`` is the whole loop on one screen: resume -> {train_step, log, checkpoint, eval} -> final
+save and eval. Everything that must survive a restart (model, optimizer, scheduler, EMA, data
+position, step, RNG states) is registered with the checkpoint manager in :meth:`_stateful`, so a
+run stopped at step k and resumed reproduces the uninterrupted run's losses exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from vdit.data.pipeline import ClipSpec, VideoPipeline
+from vdit.model import flow
+from vdit.model.dit import VideoDiT
+from vdit.model.text import RandomTextEncoder, build_text_encoder
+from vdit.model.vae import build_autoencoder
+from vdit.train.checkpoint import CheckpointManager, ModelOptimizerState, ObjectState
+from vdit.train.config import TrainConfig
+from vdit.train.ema import EMA
+from vdit.train.logging import RunLogger
+from vdit.train.optim import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> cuda if available else cpu; otherwise ``torch.device(name)``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """Autocast dtype: ``auto`` is bf16 on CUDA and fp32 on CPU (no native bf16 on this class of CPU)."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def build_model(cfg: TrainConfig, device: torch.device) -> VideoDiT:
+    """Build the DiT on the meta device, materialize on ``device``, then run the model's own init.
+
+    Building on meta first is the path parallel training takes (parallelize between the two
+    steps), so single-rank and sharded runs start from the same weights for the same seed.
+    """
+    with torch.device("meta"):
+        model = VideoDiT(cfg.model)
+    model.to_empty(device=device)
+    model.init_weights(seed=cfg.train.seed)
+    return model
+
+
+def build_frozen(cfg: TrainConfig, device: torch.device):
+    """Build the frozen text encoder and autoencoder and check them against the model config.
+
+    Returns ``(text_encoder, vae)`` on ``device``.
+
+    Raises:
+        ValueError: the encoder width differs from ``model.text_dim`` or the latent channels differ
+            from ``model.in_channels`` (the message says which setting to change).
+    """
+    tc = cfg.text_encoder
+    if tc.name == "random":
+        text_encoder = RandomTextEncoder(hidden_size=tc.hidden_size, max_length=tc.max_length)
+    else:
+        text_encoder = build_text_encoder(tc.name, tc.path, tc.max_length)
+    if text_encoder.hidden_size != cfg.model.text_dim:
+        raise ValueError(f"text encoder {tc.name!r} has width {text_encoder.hidden_size} but model.text_dim="
+                         f"{cfg.model.text_dim}; set text_encoder.hidden_size={text_encoder.hidden_size}")
+    vae = build_autoencoder(cfg.vae.name, cfg.vae.path, scaling_factor=cfg.vae.scaling_factor)
+    if vae.latent_channels != cfg.model.in_channels:
+        raise ValueError(f"autoencoder {cfg.vae.name!r} has {vae.latent_channels} latent channels but "
+                         f"model.in_channels={cfg.model.in_channels}")
+    return text_encoder.to(device), vae.to(device)
+
+
+class TextCache:
+    """Frozen text features per caption, cached: ``captions -> ((B, max_length, D) float, (B, max_length) bool)``.
+
+    Each caption is encoded alone and padded to ``max_length`` tokens, so its features never depend
+    on which other captions share its batch; captions repeat across clips of one video and across
+    epochs, so the cache saves most text-encoder work.
+    """
+
+    def __init__(self, encoder, max_length: int, device: torch.device, max_entries: int = 100_000):
+        self.encoder, self.max_length, self.device, self.max_entries = encoder, max_length, device, max_entries
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        out = []
+        for c in captions:
+            hit = self.cache.get(c)
+            if hit is None:
+                h, m = self.encoder.encode([c], device=self.device)  # (1, l, D), (1, l)
+                L = self.max_length
+                hp, mp = h.new_zeros(1, L, h.shape[-1]), m.new_zeros(1, L)
+                hp[:, :min(L, h.shape[1])], mp[:, :min(L, m.shape[1])] = h[:, :L], m[:, :L]
+                hit = (hp, mp)
+                if len(self.cache) < self.max_entries:
+                    self.cache[c] = hit
+            out.append(hit)
+        return torch.cat([h for h, _ in out]), torch.cat([m for _, m in out])
+
+
+class _TrainerState:
+    """Step counter and RNG states of the trainer (Stateful through ObjectState)."""
+
+    def __init__(self, trainer: "Trainer"):
+        self.t = trainer
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.t.step, "generator": self.t.generator.get_state(), "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(), "python": random.getstate()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.t.step = int(state["step"])
+        self.t.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch"])
+        np.random.set_state(state["numpy"])
+        random.setstate(state["python"])
+
+
+class Trainer:
+    """Flow-matching training of a VideoDiT on streamed clips.
+
+    Args:
+        cfg: a validated :class:`TrainConfig` (see :func:`vdit.train.config.validate`).
+
+    The run directory ``cfg.run_dir`` receives ``config.yaml``, ``metrics.jsonl``,
+    ``checkpoints/step-N/``, ``samples/step-N/``, ``eval/step-N.json`` and ``wandb/``.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        os.makedirs(self.run_dir, exist_ok=True)
+        OmegaConf.save(OmegaConf.structured(cfg), os.path.join(self.run_dir, "config.yaml"))
+        self.device = resolve_device(cfg.train.device)
+        self.dtype = resolve_precision(cfg.train.precision, self.device)
+        random.seed(cfg.train.seed)
+        np.random.seed(cfg.train.seed)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)  # timesteps, noise, caption dropout
+
+        self.text_encoder, self.vae = build_frozen(cfg, self.device)
+        self.encode_text = TextCache(self.text_encoder, cfg.text_encoder.max_length, self.device)
+        self.model = build_model(cfg, self.device)
+        self.ema = EMA(self.model, cfg.train.ema_decay)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        d = cfg.data
+        self.data = VideoPipeline(d.shards, ClipSpec(d.num_frames, d.height, d.width, d.target_fps, d.frame_stride,
+                                                     d.random_crop, d.shuffle, d.seed), d.batch_size,
+                                  num_workers=d.num_workers)
+        self.checkpoints = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_last_k)
+        self.step = 0
+        latent = self.vae.latent_shape(d.num_frames, d.height, d.width)  # (C, T', H', W')
+        p = cfg.model.patch_size
+        self.tokens_per_sample = (latent[1] // p[0]) * (latent[2] // p[1]) * (latent[3] // p[2])
+        f = cfg.flow
+        self.flow_shift = (flow.resolution_shift(self.tokens_per_sample, f.shift_base_tokens, f.flow_shift)
+                           if f.shift_base_tokens else f.flow_shift)
+
+    # ----------------------------------------------------------------------------------------- state
+    def _stateful(self) -> dict[str, Any]:
+        return {"app": ModelOptimizerState(self.model, self.optimizer), "scheduler": self.scheduler,
+                "ema": self.ema, "data": ObjectState(self.data), "trainer": ObjectState(_TrainerState(self))}
+
+    def save(self) -> str:
+        path = self.checkpoints.save(self.step, self._stateful())
+        log.info("checkpoint: saved %s", path)
+        return path
+
+    def maybe_resume(self) -> None:
+        """Apply ``train.resume``: ``auto`` (latest complete checkpoint, if any), ``never``, or a path.
+
+        Raises:
+            FileNotFoundError: an explicit path that is not a complete checkpoint.
+        """
+        mode = self.cfg.train.resume
+        path = None if mode == "never" else self.checkpoints.latest() if mode == "auto" else mode
+        if path is None:
+            return
+        self.step = self.checkpoints.load(path, self._stateful())
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ------------------------------------------------------------------------------------------ loop
+    def fit(self, stop_at: int | None = None) -> dict[str, Any]:
+        """Train to ``train.steps``; returns ``{"step", "checkpoint", "eval"}``.
+
+        ``stop_at`` ends this process early at that step after saving a checkpoint, as a
+        preempted or time-limited job would; the next ``fit()`` with ``resume=auto`` continues.
+        """
+        self.maybe_resume()
+        cfg = self.cfg.train
+        end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
+        logger = RunLogger(self.run_dir, self.cfg.wandb, OmegaConf.to_container(OmegaConf.structured(self.cfg)),
+                           cfg.steps, self.step)
+        batches = iter(self.data)
+        pending: list[torch.Tensor] = []
+        t_last, wait = time.perf_counter(), 0.0
+        eval_result = None
+        try:
+            while self.step < end:
+                t0 = time.perf_counter()
+                micro = [next(batches) for _ in range(cfg.grad_accum_steps)]
+                wait += time.perf_counter() - t0
+                stats = self.train_step(micro)
+                for b in micro:
+                    self.data.commit(b)
+                self.step += 1
+                pending.append(stats["loss"])
+                logger.advance()
+                if self.step % cfg.log_every == 0 or self.step == end:
+                    elapsed = time.perf_counter() - t_last
+                    self._log(logger, pending, stats, elapsed, wait)
+                    pending, t_last, wait = [], time.perf_counter(), 0.0
+                if self.step % cfg.checkpoint_every == 0 or self.step == end:
+                    self.save()
+                if self.cfg.eval.enabled and self.cfg.eval.every and self.step % self.cfg.eval.every == 0 \
+                        and self.step != cfg.steps:
+                    self.evaluate()
+            if self.cfg.eval.enabled and self.step == cfg.steps:
+                eval_result = self.evaluate()
+        finally:
+            logger.close()
+        return {"step": self.step, "checkpoint": self.checkpoints.latest(), "eval": eval_result}
+
+    def _log(self, logger: RunLogger, losses: list[torch.Tensor], stats: dict[str, torch.Tensor],
+             elapsed: float, wait: float) -> None:
+        values = torch.stack(losses).tolist()  # the one host sync of this interval
+        first = self.step - len(values) + 1
+        for i, v in enumerate(values[:-1]):
+            logger.log(first + i, {"loss/train": v})
+        n = len(values)
+        b = self.cfg.data.batch_size * self.cfg.train.grad_accum_steps
+        logger.log(self.step, {
+            "loss/train": values[-1],
+            "loss/train_mean": sum(values) / n,
+            "optim/lr": self.scheduler.get_last_lr()[0],
+            "optim/grad_norm": float(stats["grad_norm"]),
+            "perf/steps_per_s": n / elapsed,
+            "perf/samples_per_s": n * b / elapsed,
+            "perf/tokens_per_s": n * b * self.tokens_per_sample / elapsed,
+            "perf/data_wait_frac": wait / elapsed,
+            "data/skipped": sum(self.data.skipped.values()),
+            **{f"data/skipped/{k}": v for k, v in self.data.skipped.items()},
+        })
+
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns device tensors (no host sync).
+
+        The loss is the mean over all samples of the step (each micro-batch's mean loss is divided by
+        the number of micro-batches), so it does not depend on how the global batch is split.
+        """
+        self.model.train()
+        total = torch.zeros((), device=self.device)
+        n = len(micro_batches)
+        for batch in micro_batches:
+            video = batch["video"].to(self.device, non_blocking=True)  # (B, 3, T, H, W) in [-1, 1]
+            with torch.no_grad():
+                x0 = self.vae.encode(video)  # (B, C, T', H', W')
+            B = x0.shape[0]
+            drop = torch.rand(B, generator=self.generator) < self.cfg.data.caption_dropout
+            captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
+            text, text_mask = self.encode_text(captions)
+            f = self.cfg.flow
+            t = flow.sample_timesteps(B, generator=self.generator, mode=f.timestep_sampling,
+                                      logit_mean=f.logit_mean, logit_std=f.logit_std)
+            t = flow.shift_timesteps(t, self.flow_shift).to(self.device)
+            noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+            xt = flow.interpolate(x0, noise, t)  # (B, C, T', H', W')
+            target = flow.velocity_target(x0, noise)
+            with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+                pred = self.model(xt, t, text, text_mask)
+            _, loss = flow.flow_loss(pred.float(), target)
+            (loss / n).backward()
+            total += loss.detach() / n
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.model)
+        return {"loss": total, "grad_norm": grad_norm}
+
+    # ------------------------------------------------------------------------------------------ eval
+    def evaluate(self) -> dict[str, Any]:
+        """Sample the eval prompts with the EMA weights, write mp4s + contact sheet, score them."""
+        from vdit.eval.hook import evaluate_model
+
+        model = self.model
+        if self.cfg.eval.use_ema:
+            model = build_model(self.cfg, self.device)
+            self.ema.copy_to(model)
+        result = evaluate_model(self.cfg, model, self.text_encoder, self.vae, self.step, self.run_dir, self.device,
+                                encode_text=self.encode_text)
+        return result
