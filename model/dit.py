@@ -1,0 +1,365 @@
+"""The video diffusion transformer: DiTConfig, adaLN-Zero blocks, final layer, VideoDiT.
+
+Architecture (DiT, Peebles & Xie 2023, extended to video and text):
+
+    x (B, C, T, H, W) --patch_embed--> tokens (B, L, D) --blocks--> final_layer --> unpatchify
+    t (B,)            --t_embedder---> c (B, D)   conditions every block by adaLN-Zero
+    text (B, Lc, E)   --text_proj----> y (B, Lc, D) read by cross-attention in every block
+    rope(grid_size)   --> (cos, sin) (L, Dh) rotates q/k of every self-attention
+
+Forward hooks are the extension points for parallelism (see vdit.train.parallel): ``patch_embed``'s
+output (tokens), ``rope``'s output (cos/sin) and ``final_layer``'s first positional input (tokens).
+The model itself is single-device code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .attention import Attention
+from .layers import Mlp, PatchEmbed3D, TextProjection, TimestepEmbedding, modulate, patch_grid
+from .rope import RotaryEmbedding3D
+
+__all__ = ["DiTConfig", "DiTBlock", "FinalLayer", "VideoDiT", "num_tokens"]
+
+
+@dataclass
+class DiTConfig:
+    """Hyper-parameters of :class:`VideoDiT` (the ``model/`` Hydra group).
+
+    Attributes:
+        in_channels: latent channels ``C`` (= the autoencoder's ``latent_channels``); the model
+            predicts a velocity with the same channel count.
+        patch_size: ``[pt, ph, pw]`` in latent frames / latent pixels.
+        hidden_size: token width ``D``.
+        depth: number of DiT blocks.
+        num_heads: attention heads; must divide ``hidden_size``.
+        mlp_ratio: MLP inner width is ``round(hidden_size * mlp_ratio)``.
+        text_dim: width of the text encoder's hidden states (384 for MiniLM).
+        qk_norm: RMSNorm on q and k per head.
+        rope_theta: RoPE base.
+        cross_attention: read text through cross-attention in every block. If False the text is
+            mean-pooled over its mask and added to the timestep embedding instead (adaLN only).
+    """
+
+    in_channels: int = 3
+    patch_size: list[int] = field(default_factory=lambda: [1, 2, 2])
+    hidden_size: int = 128
+    depth: int = 2
+    num_heads: int = 4
+    mlp_ratio: float = 4.0
+    text_dim: int = 384
+    qk_norm: bool = True
+    rope_theta: float = 10000.0
+    cross_attention: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head width ``hidden_size // num_heads``."""
+        return self.hidden_size // self.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        """MLP inner width, rounded (so ``mlp_ratio=8960/1536`` gives exactly 8960)."""
+        return int(round(self.hidden_size * self.mlp_ratio))
+
+    def num_params(self) -> int:
+        """Exact parameter count, by building the model on the meta device (no memory, no init cost)."""
+        with torch.device("meta"):
+            model = VideoDiT(self)
+        return sum(p.numel() for p in model.parameters())
+
+    def flops_per_token(self, seq_len: int, text_len: int = 0) -> float:
+        """Forward-pass FLOPs per video token (one multiply-add = 2 FLOPs).
+
+        Counts all matmuls (patch embed, q/k/v/out projections, attention scores and values, MLP,
+        final linear). Per-sample work (text K/V projections, adaLN modulation, timestep and text
+        MLPs) is amortised over ``seq_len`` tokens. Norms, activations and RoPE are ignored.
+        A training step (forward + backward) costs about 3x this.
+
+        Args:
+            seq_len: video tokens per sample ``L``.
+            text_len: text tokens per sample ``Lc`` (0 ignores cross-attention's attention cost).
+        """
+        d, dm = self.hidden_size, self.mlp_hidden
+        patch = math.prod(self.patch_size) * self.in_channels
+        per_block = 4 * d * d + 2 * seq_len * d + 2 * d * dm  # self-attn projections + attention + MLP (MACs)
+        per_block += 6 * d * d / seq_len  # adaLN modulation, once per sample
+        if self.cross_attention:
+            per_block += 2 * d * d + 2 * text_len * d + 2 * text_len * d * d / seq_len  # q/out, attention, k/v
+        per_sample = (256 * d + d * d) + (self.text_dim * d + d * d) * text_len + 2 * d * d  # t/text MLPs, final adaLN
+        macs = patch * d + self.depth * per_block + d * patch + per_sample / seq_len
+        return 2.0 * macs
+
+
+def num_tokens(cfg: DiTConfig, latent_shape: Sequence[int]) -> int:
+    """Tokens ``L`` for a latent of shape ``(C, T, H, W)`` or ``(T, H, W)``; ValueError if indivisible."""
+    t, h, w = latent_shape[-3:]
+    tp, hp, wp = patch_grid(cfg.patch_size, t, h, w)
+    return tp * hp * wp
+
+
+class DiTBlock(nn.Module):
+    """Transformer block with adaLN-Zero conditioning (DiT, Peebles & Xie 2023, Sec. 3.2).
+
+    ``x += gate_msa * SelfAttn(modulate(LN(x)))`` with RoPE; ``x += CrossAttn(LN'(x), text)``
+    (plain pre-LN with affine, no modulation; the cross-attention output projection is zero-initialised,
+    as PixArt-alpha does, so the block is the identity at init); ``x += gate_mlp * MLP(modulate(LN(x)))``.
+    shift/scale/gate come from ``Linear(SiLU(c))`` producing ``6 D`` values; that Linear is zeroed at init.
+
+    Args:
+        hidden_size: ``D``.
+        num_heads: heads of both attentions.
+        mlp_ratio: MLP inner width ratio (rounded).
+        qk_norm: RMSNorm on q/k.
+        cross_attention: include the text cross-attention sub-layer.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = True,
+        cross_attention: bool = True,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm)
+        if cross_attention:
+            self.norm_cross = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
+            self.cross_attn = Attention(hidden_size, num_heads, context_dim=hidden_size, qk_norm=qk_norm)
+        else:
+            self.norm_cross = None
+            self.cross_attn = None
+        self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.mlp = Mlp(hidden_size, int(round(hidden_size * mlp_ratio)))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Args:
+            x: ``(B, L, D)`` video tokens.
+            c: ``(B, D)`` conditioning (timestep embedding).
+            context: ``(B, Lc, D)`` projected text tokens (required when the block has cross-attention).
+            context_mask: bool ``(B, Lc)``, True = real token.
+            rope: ``(cos, sin)`` each ``(L, D / num_heads)``.
+
+        Returns:
+            ``(B, L, D)``.
+
+        Raises:
+            ValueError: if the block has cross-attention and ``context`` is None.
+        """
+        mod = self.adaLN_modulation(c)  # (B, 6D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)  # 6 x (B, D)
+        h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, L, D)
+        x = x + gate_msa[:, None] * self.attn(h, rope=rope)  # (B, L, D)
+        if self.cross_attn is not None:
+            if context is None:
+                raise ValueError("this DiTBlock has cross-attention: pass context (B, Lc, D)")
+            x = x + self.cross_attn(self.norm_cross(x), context=context, context_mask=context_mask)  # (B, L, D)
+        h = modulate(self.norm2(x), shift_mlp, scale_mlp)  # (B, L, D)
+        x = x + gate_mlp[:, None] * self.mlp(h)  # (B, L, D)
+        return x
+
+
+class FinalLayer(nn.Module):
+    """adaLN (shift, scale) + Linear to patch values (DiT). Both Linears are zeroed at init.
+
+    Args:
+        hidden_size: ``D``.
+        patch_volume: ``pt * ph * pw``.
+        out_channels: ``C_out``.
+    """
+
+    def __init__(self, hidden_size: int, patch_volume: int, out_channels: int):
+        super().__init__()
+        self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        self.linear = nn.Linear(hidden_size, patch_volume * out_channels)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Args: x ``(B, L, D)``, c ``(B, D)``. Returns ``(B, L, pt*ph*pw*C_out)``."""
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # 2 x (B, D)
+        x = modulate(self.norm_final(x), shift, scale)  # (B, L, D)
+        return self.linear(x)  # (B, L, P*C)
+
+
+class VideoDiT(nn.Module):
+    """Text-conditioned video DiT predicting the rectified-flow velocity.
+
+    Build, then initialise (``__init__`` already calls :meth:`init_weights`; call it again after
+    ``to_empty`` when the model was built on the meta device)::
+
+        with torch.device("meta"):
+            model = VideoDiT(cfg)
+        ...  # parallelize
+        model.to_empty(device="cuda"); model.init_weights(seed=0)
+
+    Args:
+        cfg: :class:`DiTConfig`.
+
+    Raises:
+        ValueError: on an invalid config (heads not dividing width, bad patch size, head dim too
+            small for 3D RoPE).
+    """
+
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        if len(cfg.patch_size) != 3:
+            raise ValueError(f"patch_size must be [pt, ph, pw]; got {list(cfg.patch_size)}")
+        if cfg.num_heads <= 0 or cfg.hidden_size % cfg.num_heads != 0:
+            raise ValueError(f"num_heads={cfg.num_heads} must divide hidden_size={cfg.hidden_size}")
+        self.cfg = cfg
+        self.patch_size = tuple(int(p) for p in cfg.patch_size)
+        self.in_channels = cfg.in_channels
+        self.cross_attention = bool(cfg.cross_attention)
+        self.patch_embed = PatchEmbed3D(self.patch_size, cfg.in_channels, cfg.hidden_size)
+        self.rope = RotaryEmbedding3D(cfg.hidden_size // cfg.num_heads, theta=cfg.rope_theta)
+        self.t_embedder = TimestepEmbedding(cfg.hidden_size)
+        self.text_proj = TextProjection(cfg.text_dim, cfg.hidden_size)
+        self.blocks = nn.ModuleList(
+            DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, cfg.cross_attention)
+            for _ in range(cfg.depth)
+        )
+        self.final_layer = FinalLayer(cfg.hidden_size, math.prod(self.patch_size), cfg.in_channels)
+        self.init_weights()
+
+    def num_tokens(self, num_frames: int, height: int, width: int) -> int:
+        """Tokens ``L`` for a latent of ``(T, H, W)``; ValueError if not divisible by the patch size."""
+        return num_tokens(self.cfg, (num_frames, height, width))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow velocity ``noise - x0`` at ``x_t``.
+
+        Args:
+            x: ``(B, C, T, H, W)`` noisy latent ``x_t``.
+            t: ``(B,)`` float flow time in ``[0, 1]`` (0 = data, 1 = noise).
+            text: ``(B, Lc, text_dim)`` text-encoder hidden states.
+            text_mask: bool ``(B, Lc)``, True = real token; ``None`` = all tokens real.
+
+        Returns:
+            ``(B, C, T, H, W)`` velocity, same dtype as the model.
+
+        Raises:
+            ValueError: on wrong ranks/channels, or ``T, H, W`` not divisible by ``patch_size``.
+        """
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must be (B, {self.in_channels}, T, H, W); got {tuple(x.shape)}")
+        if t.shape != (x.shape[0],):
+            raise ValueError(f"t must be (B,)=({x.shape[0]},); got {tuple(t.shape)}")
+        if text.ndim != 3 or text.shape[0] != x.shape[0]:
+            raise ValueError(f"text must be (B, Lc, text_dim) with B={x.shape[0]}; got {tuple(text.shape)}")
+        _, _, T, H, W = x.shape
+        grid = self.patch_embed.grid_size(T, H, W)  # (T', H', W'); raises if indivisible
+        h = self.patch_embed(x)  # (B, L, D)
+        rope = self.rope(grid, device=x.device)  # (cos, sin), each (L, Dh)
+        c = self.t_embedder(t)  # (B, D)
+        y = self.text_proj(text)  # (B, Lc, D)
+        if self.cross_attention:
+            for block in self.blocks:
+                h = block(h, c, y, text_mask, rope)  # (B, L, D)
+        else:
+            if text_mask is None:
+                text_mask = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)  # (B, Lc)
+            w = text_mask.to(y.dtype)  # (B, Lc)
+            pooled = (y * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)  # (B, D)
+            c = c + pooled  # (B, D)
+            for block in self.blocks:
+                h = block(h, c, None, None, rope)  # (B, L, D)
+        h = self.final_layer(h, c)  # (B, L, pt*ph*pw*C)
+        pt, ph, pw = self.patch_size
+        return rearrange(
+            h,
+            "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
+            t=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw,
+        )  # (B, C, T, H, W)
+
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> None:
+        """Initialise every parameter in place (works after meta-device build + ``to_empty``).
+
+        Scheme (DiT): xavier-uniform for every Linear and for the patch-embed Conv3d viewed as a
+        Linear of fan-in ``C*pt*ph*pw``; normal(0, 0.02) for the timestep MLP; zero biases; norms'
+        weights 1 and biases 0. Then adaLN-Zero: every block's ``adaLN_modulation`` Linear, every
+        block's cross-attention ``out_proj``, and the final layer's modulation and output Linears
+        are zeroed, so each block is the identity on its residual stream and the model outputs
+        exactly 0 at init.
+
+        Modules are visited in registration order and random numbers drawn in that order, so the
+        result depends only on the RNG state: with ``seed`` the global RNG is forked (not
+        disturbed) and seeded; without it the current global RNG is used.
+
+        Raises:
+            RuntimeError: if a parameter is not covered by the scheme (a new module type was added
+                without extending ``init_weights``), since after ``to_empty`` it would hold garbage.
+        """
+        if seed is None:
+            self._init_weights()
+            return
+        devices = sorted({p.device.index or 0 for p in self.parameters() if p.device.type == "cuda"})
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            self._init_weights()
+
+    def _init_weights(self) -> None:
+        done: set[int] = set()
+
+        def mark(*params: torch.Tensor | None) -> None:
+            done.update(id(p) for p in params if p is not None)
+
+        for name, module in self.named_modules():
+            if isinstance(module, nn.Linear):
+                if name.startswith("t_embedder."):
+                    nn.init.normal_(module.weight, std=0.02)
+                else:
+                    nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+                mark(module.weight, module.bias)
+            elif isinstance(module, nn.Conv3d):
+                fan_in = module.weight[0].numel()  # C * pt * ph * pw
+                bound = math.sqrt(6.0 / (fan_in + module.weight.shape[0]))  # xavier on the (D, C*pt*ph*pw) view
+                nn.init.uniform_(module.weight, -bound, bound)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+                mark(module.weight, module.bias)
+            elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                if module.weight is not None:
+                    nn.init.ones_(module.weight)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+                mark(module.weight, getattr(module, "bias", None))
+
+        # adaLN-Zero (DiT Sec. 3.2) plus the zero cross-attention output (PixArt-alpha).
+        zeroed = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        for block in self.blocks:
+            zeroed.append(block.adaLN_modulation[-1])
+            if block.cross_attn is not None:
+                zeroed.append(block.cross_attn.out_proj)
+        for linear in zeroed:
+            nn.init.zeros_(linear.weight)
+            nn.init.zeros_(linear.bias)
+
+        missing = [n for n, p in self.named_parameters() if id(p) not in done]
+        if missing:
+            raise RuntimeError(f"init_weights does not cover parameters: {missing}")

@@ -1,0 +1,214 @@
+"""Rectified-flow / flow-matching math as pure functions.
+
+Convention (rectified flow, Liu et al. 2022; flow matching, Lipman et al. 2022; as used by SD3,
+Esser et al. 2024): ``t = 0`` is data, ``t = 1`` is Gaussian noise, the path is the straight line
+``x_t = (1 - t) x0 + t * noise`` and the network regresses the constant velocity
+``dx_t/dt = noise - x0``. Sampling integrates the ODE from ``t = 1`` down to ``t = 0``.
+
+Classifier-free guidance (Ho & Salimans 2022) lives in the velocity function passed to
+:func:`sample_ode`; :func:`cfg_combine` is the combination rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+__all__ = [
+    "interpolate",
+    "velocity_target",
+    "sample_timesteps",
+    "shift_timesteps",
+    "resolution_shift",
+    "flow_loss",
+    "euler_step",
+    "sampling_timesteps",
+    "cfg_combine",
+    "sample_ode",
+]
+
+_T_EPS = 1e-5  # sampled training times are clamped to [eps, 1 - eps] so they lie strictly inside (0, 1)
+
+
+def _expand(t: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor | float:
+    """``(B,)`` -> ``(B, 1, ..., 1)`` broadcastable to ``like``; floats pass through."""
+    if isinstance(t, torch.Tensor) and t.ndim == 1:
+        return t.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+    return t
+
+
+def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """Point on the straight path: ``x_t = (1 - t) x0 + t noise``.
+
+    Args:
+        x0: ``(B, ...)`` clean latents.
+        noise: ``(B, ...)`` standard normal, same shape.
+        t: ``(B,)`` times in ``[0, 1]`` (or a float), broadcast over the non-batch dims.
+
+    Returns:
+        ``(B, ...)``; exactly ``x0`` at ``t = 0`` and exactly ``noise`` at ``t = 1``.
+    """
+    t = _expand(t, x0)
+    return (1 - t) * x0 + t * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Regression target ``d x_t / d t = noise - x0``, shape of ``x0``."""
+    return noise - x0
+
+
+def sample_timesteps(
+    batch_size: int,
+    generator: torch.Generator | None = None,
+    mode: str = "logit_normal",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Training times ``t in (0, 1)``, shape ``(B,)`` float32.
+
+    ``logit_normal``: ``t = sigmoid(u)``, ``u ~ N(logit_mean, logit_std^2)`` (SD3, Esser et al. 2024,
+    Sec. 3.1), which concentrates training on intermediate times. ``uniform``: ``t ~ U(0, 1)``.
+    Values are clamped to ``[1e-5, 1 - 1e-5]``. Draws happen on the generator's device (CPU when no
+    generator is given) and are then moved to ``device``, so a seeded CPU generator gives the same
+    numbers on every device.
+
+    Raises:
+        ValueError: for an unknown ``mode``.
+    """
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    if mode == "logit_normal":
+        u = torch.randn(batch_size, generator=generator, device=gen_device) * logit_std + logit_mean
+        t = torch.sigmoid(u)
+    elif mode == "uniform":
+        t = torch.rand(batch_size, generator=generator, device=gen_device)
+    else:
+        raise ValueError(f"unknown timestep sampling mode {mode!r}; valid: 'logit_normal', 'uniform'")
+    return t.clamp(_T_EPS, 1 - _T_EPS).to(device if device is not None else gen_device)
+
+
+def shift_timesteps(t: torch.Tensor | float, shift: float) -> torch.Tensor | float:
+    """Timestep shift ``t' = shift * t / (1 + (shift - 1) t)`` (SD3, Esser et al. 2024, eq. 23).
+
+    Monotone, fixes 0 and 1, identity at ``shift = 1``; ``shift > 1`` moves times toward noise
+    (``t = 1``), which larger resolutions need because more tokens average away more noise.
+
+    Raises:
+        ValueError: if ``shift <= 0``.
+    """
+    if shift <= 0:
+        raise ValueError(f"flow_shift must be > 0; got {shift}")
+    if shift == 1.0:
+        return t
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def resolution_shift(num_tokens: int, base_tokens: int, base_shift: float = 1.0) -> float:
+    """Resolution-dependent shift ``base_shift * sqrt(num_tokens / base_tokens)``.
+
+    SD3 (Esser et al. 2024, Sec. 5.3.2) derives ``alpha = sqrt(m / n)`` for moving from ``n`` to
+    ``m`` pixels/tokens at equal signal-to-noise ratio; ``base_shift`` is the shift tuned at
+    ``base_tokens``. Use the result as ``shift`` in :func:`shift_timesteps`.
+
+    Raises:
+        ValueError: if any argument is not positive.
+    """
+    if num_tokens <= 0 or base_tokens <= 0 or base_shift <= 0:
+        raise ValueError(
+            f"num_tokens, base_tokens, base_shift must be > 0; got {num_tokens}, {base_tokens}, {base_shift}"
+        )
+    return base_shift * math.sqrt(num_tokens / base_tokens)
+
+
+def flow_loss(
+    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flow-matching MSE, computed in fp32.
+
+    Args:
+        pred, target: ``(B, ...)`` predicted and target velocity.
+        weight: optional ``(B,)`` per-sample weights (e.g. a timestep weighting).
+
+    Returns:
+        ``(per_sample (B,), mean scalar)``: per-sample MSE over all non-batch dims (times
+        ``weight`` if given) and its mean over the batch.
+
+    Raises:
+        ValueError: if shapes differ.
+    """
+    if pred.shape != target.shape:
+        raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
+    per_sample = (pred.float() - target.float()).square().flatten(1).mean(dim=1)  # (B,)
+    if weight is not None:
+        per_sample = per_sample * weight.float()
+    return per_sample, per_sample.mean()
+
+
+def euler_step(
+    x: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float, t_next: torch.Tensor | float
+) -> torch.Tensor:
+    """One explicit Euler step of ``dx/dt = v``: ``x + (t_next - t) v``.
+
+    ``x, v``: ``(B, ...)``; ``t, t_next``: floats or ``(B,)``. Going toward data, ``t_next < t``.
+    """
+    dt = _expand(t_next, x) - _expand(t, x)  # float, 0-d, or (B, 1, ..., 1)
+    return x + dt * v
+
+
+def sampling_timesteps(
+    num_steps: int, shift: float = 1.0, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Inference schedule: ``(num_steps + 1,)`` float32 from 1 down to 0, uniform then shifted
+    with :func:`shift_timesteps` (endpoints stay exactly 1 and 0).
+
+    Raises:
+        ValueError: if ``num_steps < 1`` or ``shift <= 0``.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1; got {num_steps}")
+    t = torch.linspace(1.0, 0.0, num_steps + 1, device=device, dtype=torch.float32)
+    return shift_timesteps(t, shift)
+
+
+def cfg_combine(v_cond: torch.Tensor, v_uncond: torch.Tensor, cfg_scale: float) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans 2022): ``v_uncond + cfg_scale (v_cond - v_uncond)``.
+
+    ``cfg_scale = 1`` returns the conditional velocity, ``0`` the unconditional one.
+    """
+    return v_uncond + cfg_scale * (v_cond - v_uncond)
+
+
+@torch.no_grad()
+def sample_ode(
+    velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    noise: torch.Tensor,
+    num_steps: int,
+    shift: float = 1.0,
+) -> torch.Tensor:
+    """Integrate ``dx/dt = velocity_fn(x, t)`` with Euler from ``t = 1`` (noise) to ``t = 0`` (data).
+
+    Guidance belongs in ``velocity_fn``, for example::
+
+        def velocity_fn(x, t):
+            v = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([text, null_text]),
+                      torch.cat([mask, null_mask]))
+            return cfg_combine(*v.chunk(2), cfg_scale)
+
+    Args:
+        velocity_fn: ``(x (B, ...), t (B,) float32) -> v (B, ...)``.
+        noise: ``(B, ...)`` start point at ``t = 1``.
+        num_steps: Euler steps (network evaluations).
+        shift: timestep shift of the schedule (:func:`sampling_timesteps`).
+
+    Returns:
+        ``(B, ...)`` sample at ``t = 0``, dtype of ``noise``.
+    """
+    times = sampling_timesteps(num_steps, shift, device=noise.device)  # (S + 1,)
+    x = noise
+    for i in range(num_steps):
+        t = times[i].expand(x.shape[0])  # (B,)
+        v = velocity_fn(x, t)  # (B, ...)
+        x = euler_step(x, v, times[i], times[i + 1])  # (B, ...)
+    return x

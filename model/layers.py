@@ -1,0 +1,178 @@
+"""Building blocks of the video DiT: 3D patch embedding, timestep and text embeddings, MLP, modulate().
+
+The timestep embedder and ``modulate`` follow DiT (Peebles & Xie 2023, "Scalable Diffusion Models
+with Transformers"); the caption projection follows PixArt-alpha (Chen et al. 2023).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from einops import rearrange
+from torch import nn
+
+__all__ = ["patch_grid", "PatchEmbed3D", "TimestepEmbedding", "TextProjection", "Mlp", "modulate"]
+
+
+def patch_grid(patch_size: Sequence[int], num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+    """Token grid ``(T', H', W') = (T/pt, H/ph, W/pw)`` of a latent video.
+
+    Args:
+        patch_size: ``(pt, ph, pw)``.
+        num_frames, height, width: latent ``T, H, W`` (after the autoencoder, not pixels).
+
+    Raises:
+        ValueError: if a dim is not divisible by its patch size (names the dim and the patch).
+    """
+    pt, ph, pw = patch_size
+    bad = [
+        f"{name}={size} % {p} != 0"
+        for name, size, p in (("T", num_frames, pt), ("H", height, ph), ("W", width, pw))
+        if size % p != 0 or size <= 0
+    ]
+    if bad:
+        raise ValueError(
+            f"latent (T, H, W)=({num_frames}, {height}, {width}) is not divisible by "
+            f"patch_size (pt, ph, pw)={tuple(patch_size)}: {', '.join(bad)}"
+        )
+    return num_frames // pt, height // ph, width // pw
+
+
+class PatchEmbed3D(nn.Module):
+    """Non-overlapping 3D patches -> tokens: ``Conv3d(kernel = stride = patch_size)``.
+
+    Args:
+        patch_size: ``(pt, ph, pw)``.
+        in_channels: latent channels ``C``.
+        hidden_size: token width ``D``.
+    """
+
+    def __init__(self, patch_size: Sequence[int], in_channels: int, hidden_size: int):
+        super().__init__()
+        if len(patch_size) != 3 or any(int(p) <= 0 for p in patch_size):
+            raise ValueError(f"patch_size must be three positive ints (pt, ph, pw); got {patch_size}")
+        self.patch_size = tuple(int(p) for p in patch_size)
+        self.in_channels = in_channels
+        self.hidden_size = hidden_size
+        self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=self.patch_size, stride=self.patch_size)
+
+    def grid_size(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
+        """``(T', H', W')`` for a latent of ``(T, H, W)``; raises ValueError if indivisible."""
+        return patch_grid(self.patch_size, num_frames, height, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Embed a latent video.
+
+        Args:
+            x: ``(B, C, T, H, W)``.
+
+        Returns:
+            ``(B, L, D)`` with ``L = T' * H' * W'`` in (t, h, w) raster order (t slowest).
+
+        Raises:
+            ValueError: if ``T, H, W`` are not divisible by ``patch_size``.
+        """
+        self.grid_size(*x.shape[2:])  # validates divisibility with a readable message
+        x = self.proj(x)  # (B, D, T', H', W')
+        return rearrange(x, "b d t h w -> b (t h w) d")  # (B, L, D)
+
+
+class TimestepEmbedding(nn.Module):
+    """Flow time ``t in [0, 1]`` -> ``(B, D)``: sinusoid of ``1000 t`` then Linear, SiLU, Linear (DiT).
+
+    Scaling by ``time_scale = 1000`` puts the flow time on the 0..1000 range the DiT frequency
+    embedding was designed for, so neighbouring timesteps get distinguishable features.
+
+    Args:
+        hidden_size: output width ``D``.
+        frequency_embedding_size: sinusoid width (even).
+        max_period: lowest frequency is ``1 / max_period``.
+        time_scale: multiplier applied to ``t`` before the sinusoid.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        frequency_embedding_size: int = 256,
+        max_period: float = 10000.0,
+        time_scale: float = 1000.0,
+    ):
+        super().__init__()
+        if frequency_embedding_size % 2:
+            raise ValueError(f"frequency_embedding_size must be even; got {frequency_embedding_size}")
+        self.frequency_embedding_size = frequency_embedding_size
+        self.max_period = max_period
+        self.time_scale = time_scale
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size),
+        )
+
+    def sinusoid(self, t: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` times -> ``(B, frequency_embedding_size)`` fp32 features ``[cos(w t'), sin(w t')]``
+        with ``t' = time_scale * t`` and ``w_i = max_period ** (-i / half)``."""
+        half = self.frequency_embedding_size // 2
+        i = torch.arange(half, device=t.device, dtype=torch.float32)  # (half,)
+        freqs = torch.exp(-math.log(self.max_period) * i / half)  # (half,)
+        args = (t.float() * self.time_scale)[:, None] * freqs[None, :]  # (B, half)
+        return torch.cat([args.cos(), args.sin()], dim=-1)  # (B, 2 * half)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        """Args: t ``(B,)`` float flow time. Returns ``(B, D)``."""
+        emb = self.sinusoid(t)  # (B, F)
+        emb = emb.to(self.mlp[0].weight.dtype)  # (B, F) in the parameter dtype
+        return self.mlp(emb)  # (B, D)
+
+
+class TextProjection(nn.Module):
+    """Caption projection (PixArt-alpha): ``(B, Lc, text_dim) -> (B, Lc, D)`` via Linear, GELU(tanh), Linear."""
+
+    def __init__(self, text_dim: int, hidden_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(text_dim, hidden_size)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        """Args: y ``(B, Lc, text_dim)`` text-encoder hidden states. Returns ``(B, Lc, D)``."""
+        y = self.fc1(y)  # (B, Lc, D)
+        y = self.act(y)  # (B, Lc, D)
+        return self.fc2(y)  # (B, Lc, D)
+
+
+class Mlp(nn.Module):
+    """Transformer feed-forward: Linear, GELU(tanh), Linear.
+
+    Args:
+        in_features: input width ``D``.
+        hidden_features: inner width.
+        out_features: output width (default ``in_features``).
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, out_features or in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Args: x ``(..., D)``. Returns ``(..., out_features)``."""
+        x = self.fc1(x)  # (B, L, Dm)
+        x = self.act(x)  # (B, L, Dm)
+        return self.fc2(x)  # (B, L, D)
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation (DiT): ``x * (1 + scale) + shift`` broadcast over tokens.
+
+    Args:
+        x: ``(B, L, D)``.
+        shift, scale: ``(B, D)``.
+
+    Returns:
+        ``(B, L, D)``.
+    """
+    return x * (1 + scale[:, None]) + shift[:, None]

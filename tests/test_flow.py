@@ -1,0 +1,104 @@
+"""Flow-matching math: interpolation, target, timestep sampling and shift, loss, Euler ODE, CFG."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vdit.model import flow
+
+
+def test_interpolate_endpoints_exact():
+    x0, noise = torch.randn(3, 2, 4), torch.randn(3, 2, 4)
+    assert torch.equal(flow.interpolate(x0, noise, torch.zeros(3)), x0)
+    assert torch.equal(flow.interpolate(x0, noise, torch.ones(3)), noise)
+    mid = flow.interpolate(x0, noise, torch.tensor([0.0, 0.5, 1.0]))
+    assert torch.equal(mid[0], x0[0]) and torch.equal(mid[2], noise[2])
+    assert torch.allclose(mid[1], 0.5 * (x0[1] + noise[1]))
+
+
+def test_velocity_target_is_time_derivative():
+    x0, noise = torch.randn(2, 3, 5, dtype=torch.float64), torch.randn(2, 3, 5, dtype=torch.float64)
+    t, h = torch.tensor([0.3, 0.8], dtype=torch.float64), 1e-6
+    fd = (flow.interpolate(x0, noise, t + h) - flow.interpolate(x0, noise, t - h)) / (2 * h)
+    assert torch.allclose(fd, flow.velocity_target(x0, noise), atol=1e-6)
+
+
+def test_shift_identity_monotone_and_fixed_endpoints():
+    t = torch.linspace(0, 1, 101)
+    assert torch.equal(flow.shift_timesteps(t, 1.0), t)
+    for s in (0.5, 3.0, 10.0):
+        ts = flow.shift_timesteps(t, s)
+        assert (ts[1:] > ts[:-1]).all()
+        assert ts[0] == 0.0 and ts[-1] == 1.0
+    assert (flow.shift_timesteps(t[1:-1], 3.0) > t[1:-1]).all()  # shift > 1 moves toward noise
+    with pytest.raises(ValueError):
+        flow.shift_timesteps(t, 0.0)
+    assert flow.resolution_shift(4096, 1024) == pytest.approx(2.0)
+    assert flow.resolution_shift(1024, 1024, base_shift=3.0) == pytest.approx(3.0)
+
+
+def test_timestep_sampling_range_and_determinism():
+    for mode in ("logit_normal", "uniform"):
+        a = flow.sample_timesteps(4096, torch.Generator().manual_seed(1), mode=mode)
+        b = flow.sample_timesteps(4096, torch.Generator().manual_seed(1), mode=mode)
+        assert a.shape == (4096,) and a.dtype == torch.float32
+        assert torch.equal(a, b)
+        assert (a > 0).all() and (a < 1).all()
+    t = flow.sample_timesteps(20000, torch.Generator().manual_seed(0), logit_mean=0.0, logit_std=1.0)
+    logits = torch.log(t / (1 - t))
+    assert abs(logits.mean().item()) < 0.05 and abs(logits.std().item() - 1.0) < 0.05
+    with pytest.raises(ValueError, match="logit_normal"):
+        flow.sample_timesteps(2, mode="cosine")
+
+
+def test_sampling_timesteps_schedule():
+    ts = flow.sampling_timesteps(8, shift=3.0)
+    assert ts.shape == (9,) and ts[0] == 1.0 and ts[-1] == 0.0
+    assert (ts[1:] < ts[:-1]).all()
+    with pytest.raises(ValueError):
+        flow.sampling_timesteps(0)
+
+
+@pytest.mark.parametrize("num_steps", [1, 3, 10])
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_euler_with_exact_velocity_recovers_data(num_steps, shift):
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 3, 2, 4, 4, generator=g), torch.randn(2, 3, 2, 4, 4, generator=g)
+    calls = []
+
+    def velocity_fn(x, t):
+        calls.append(t)
+        assert t.shape == (2,)
+        return flow.velocity_target(x0, noise)
+
+    out = flow.sample_ode(velocity_fn, noise, num_steps, shift=shift)
+    assert len(calls) == num_steps
+    assert torch.allclose(out, x0, atol=1e-5)
+
+
+def test_euler_step_and_cfg_combine():
+    x, v = torch.randn(2, 3), torch.randn(2, 3)
+    assert torch.allclose(flow.euler_step(x, v, 1.0, 0.75), x - 0.25 * v)
+    assert torch.allclose(flow.euler_step(x, v, torch.tensor([1.0, 0.5]), torch.tensor([0.5, 0.5])),
+                          torch.stack([x[0] - 0.5 * v[0], x[1]]))
+    vc, vu = torch.randn(2, 3), torch.randn(2, 3)
+    assert torch.allclose(flow.cfg_combine(vc, vu, 1.0), vc, atol=1e-6)
+    assert torch.equal(flow.cfg_combine(vc, vu, 0.0), vu)
+    assert torch.allclose(flow.cfg_combine(vc, vu, 5.0), vu + 5.0 * (vc - vu))
+
+
+def test_flow_loss():
+    pred, target = torch.randn(4, 3, 2, 2), torch.randn(4, 3, 2, 2)
+    per_sample, mean = flow.flow_loss(pred, target)
+    assert per_sample.shape == (4,)
+    assert torch.allclose(mean, F.mse_loss(pred, target))
+    w = torch.tensor([1.0, 0.0, 2.0, 1.0])
+    per_w, _ = flow.flow_loss(pred, target, w)
+    assert torch.allclose(per_w, per_sample * w)
+    with pytest.raises(ValueError):
+        flow.flow_loss(pred, target[:, :2])
+    assert math.isclose(flow.flow_loss(target, target)[1].item(), 0.0)
