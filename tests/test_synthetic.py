@@ -1,0 +1,164 @@
+"""The procedural physics-scene renderer: determinism, captions, exact physics, dataset files."""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vdit.data.synthetic import (
+    BACKGROUND_COLORS, BALL_COLORS, FLOOR_COLORS, BallParams, SceneParams, caption, make_clip,
+    random_scene, render, simulate, write_synthetic_dataset,
+)
+from vdit.data.video_io import read_all_frames
+from vdit.eval.report import contact_sheet
+
+
+def drop_scene(g=250.0, restitution=0.8, size=64, num_frames=48, fps=24.0):
+    return SceneParams(
+        "drop", size, size, num_frames, fps, "dark blue", BACKGROUND_COLORS["dark blue"], "gray",
+        FLOOR_COLORS["gray"], 8, [BallParams("red", BALL_COLORS["red"], 4.0, 30.3, 6.7)],
+        gravity=g, restitution=restitution, friction=0.1,
+    )
+
+
+SCENE_WORD = {"drop": "dropped", "throw": "thrown", "bounce": "bounces"}
+
+
+def test_make_clip_is_deterministic():
+    a, b = make_clip(7), make_clip(7)
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+    assert a[0].dtype == np.uint8 and a[0].shape == (48, 64, 64, 3)
+    c = make_clip(8)
+    assert c[1] != a[1] or not np.array_equal(c[0], a[0])
+
+
+def test_captions_name_colors_and_scene():
+    seen = set()
+    for seed in range(24):
+        params = random_scene(np.random.default_rng(seed))
+        text = caption(params)
+        seen.add(params.scene)
+        assert SCENE_WORD[params.scene] in text, text
+        assert params.floor in text and params.background in text, text
+        for ball in params.balls:
+            assert f" {ball.color} ball" in text, text
+        assert 1 <= len(params.balls) <= 2
+        assert 0.5 <= params.restitution <= 0.9
+    assert seen == {"drop", "throw", "bounce"}
+
+
+def test_caption_counts_bounces():
+    params = drop_scene()
+    sim = simulate(params)
+    n = len(sim["bounce_times"][0])
+    assert n >= 2
+    words = {2: "twice", 3: "three times", 4: "four times"}
+    assert words[n] in caption(params, sim)
+
+
+def test_json_round_trip():
+    params = random_scene(np.random.default_rng(3))
+    text = json.dumps(params.to_json())
+    back = SceneParams.from_json(json.loads(text))
+    assert back == params
+    assert SceneParams.from_json(text) == params
+    assert np.array_equal(render(back), render(params))
+
+
+@pytest.mark.parametrize("change", [
+    {"scene": "roll"}, {"restitution": 1.2}, {"restitution": 0.0}, {"gravity": -10.0},
+    {"friction": 1.5}, {"floor_height": 64},
+])
+def test_invalid_params_raise(change):
+    with pytest.raises(ValueError):
+        dataclasses.replace(drop_scene(), **change)
+
+
+def test_ball_starting_below_floor_raises():
+    params = drop_scene()
+    with pytest.raises(ValueError):
+        dataclasses.replace(params, balls=[dataclasses.replace(params.balls[0], y=60.0)])
+
+
+def test_trajectories_never_penetrate_floor_or_walls():
+    scenes = [random_scene(np.random.default_rng(s)) for s in range(20)]
+    # A fast ball thrown into the right wall, low friction, elastic.
+    scenes.append(SceneParams("throw", 64, 64, 96, 24.0, "black", BACKGROUND_COLORS["black"], "gray",
+                              FLOOR_COLORS["gray"], 6, [BallParams("yellow", BALL_COLORS["yellow"], 5.0, 10.0, 40.0,
+                                                                   400.0, -150.0)],
+                              gravity=400.0, restitution=1.0, friction=0.0))
+    for params in scenes:
+        sim = simulate(params)
+        pos = sim["positions"]
+        radii = np.array([b.radius for b in params.balls])
+        assert np.all(pos[:, :, 1] + radii <= params.floor_line + 1e-9)
+        assert np.all(pos[:, :, 0] - radii >= -0.5 - 1e-9)
+        assert np.all(pos[:, :, 0] + radii <= params.width - 0.5 + 1e-9)
+    assert len(sim["wall_hits"][0]) >= 2  # the last scene bounced between the walls
+
+
+def test_drop_is_an_exact_parabola():
+    g, fps = 250.0, 24.0
+    params = drop_scene(g=g, fps=fps)
+    sim = simulate(params)
+    first = sim["bounce_times"][0][0]
+    frames = np.flatnonzero(sim["times"] < first)
+    t, y = sim["times"][frames], sim["positions"][frames, 0, 1]
+    a, b, c = np.polyfit(t, y, 2)
+    assert abs(2 * a / g - 1) < 0.01
+    assert abs(2 * a / g - 1) < 1e-9  # in fact exact: closed-form simulation
+    assert b == pytest.approx(0.0, abs=1e-6) and c == pytest.approx(6.7)
+    # Restitution: rebound speed = e * impact speed, so successive apex heights shrink by e^2.
+    impact = g * first
+    contact_y = params.floor_line - 4.0
+    assert first == pytest.approx(np.sqrt(2 * (contact_y - 6.7) / g))
+    t2 = sim["bounce_times"][0][1] - first
+    assert t2 == pytest.approx(2 * 0.8 * impact / g)
+
+
+def test_render_draws_floor_background_and_ball():
+    params = drop_scene()
+    sim = simulate(params)
+    frames = render(params, sim)
+    assert frames.shape == (48, 64, 64, 3) and frames.dtype == np.uint8
+    assert tuple(frames[0, 0, 0]) == BACKGROUND_COLORS["dark blue"]
+    assert tuple(frames[0, 63, 0]) == FLOOR_COLORS["gray"] and tuple(frames[0, 56, 5]) == FLOOR_COLORS["gray"]
+    assert tuple(frames[0, 55, 5]) == BACKGROUND_COLORS["dark blue"]
+    x, y = sim["positions"][0, 0]
+    assert tuple(frames[0, int(round(y)), int(round(x))]) == BALL_COLORS["red"]
+    # An explicit trajectory is drawn as given; NaN hides the ball.
+    hidden = render(params, np.full((3, 1, 2), np.nan))
+    assert np.all(hidden[:, :56] == BACKGROUND_COLORS["dark blue"])
+    with pytest.raises(ValueError):
+        render(params, np.zeros((3, 2, 2)))
+
+
+def test_write_synthetic_dataset(tmp_path):
+    rows = write_synthetic_dataset(tmp_path, num_clips=3, seed=5, height=64, width=48, num_frames=12, fps=12)
+    assert len(rows) == 3
+    with open(os.path.join(tmp_path, "manifest.jsonl")) as f:
+        lines = [json.loads(line) for line in f]
+    assert len(lines) == 3
+    for i, (row, line) in enumerate(zip(rows, lines)):
+        assert line["path"] == f"synthetic_{i:05d}.mp4"
+        assert row["path"] == os.path.join(os.path.abspath(tmp_path), line["path"])
+        assert line["caption"] == row["caption"] and line["synthetic"] == row["meta"]["synthetic"]
+        frames, fps = read_all_frames(row["path"])
+        assert frames.shape == (12, 64, 48, 3) and fps == pytest.approx(12)
+        params = SceneParams.from_json(line["synthetic"])
+        # The decoded clip is the rendered one up to compression noise.
+        err = np.abs(frames.astype(np.int16) - render(params).astype(np.int16)).mean()
+        assert err < 4.0
+    assert write_synthetic_dataset(tmp_path / "again", 3, 5, 64, 48, 12, 12)[1]["caption"] == rows[1]["caption"]
+
+
+def test_contact_sheet(tmp_path):
+    clips = [make_clip(s, 32, 32, 10, 12)[0] for s in range(2)] + [make_clip(2, 64, 48, 24)[0]]
+    path = contact_sheet(clips, ["a", "b " * 80, "c"], max_frames=8, path=tmp_path / "sheet.png")
+    image = np.asarray(Image.open(path))
+    assert image.ndim == 3 and image.shape[0] > 3 * 96 and image.shape[1] >= 8 * 96
+    with pytest.raises(ValueError):
+        contact_sheet(clips, ["only one"], path=tmp_path / "x.png")
