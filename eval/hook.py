@@ -78,13 +78,16 @@ def score_videos(videos: list[np.ndarray], params: list[SceneParams | None]) -> 
             row["physics"] = phys
             for name, res in phys.items():
                 if isinstance(res, dict) and "passed" in res:
-                    checks.setdefault(name, []).append(bool(res["passed"]))
+                    checks.setdefault(name, []).append(res["passed"])
+            checks.setdefault("all", []).append(bool(phys["passed"]))
         per_video.append(row)
     metrics: dict[str, Any] = {
         "temporal_flickering": {"mean": float(np.mean(flicker_vals)), "count": len(flicker_vals), **flicker_meta}}
-    for name, passed in checks.items():
+    for name, results in checks.items():
+        judged = [bool(r) for r in results if r is not None]  # None: nothing tracked, not evaluable
         metrics[f"physics/{name}_pass_rate"] = {
-            "mean": float(np.mean(passed)), "count": len(passed), "implementation": "vdit.eval.physics",
+            "mean": float(np.mean(judged)) if judged else None, "count": len(judged),
+            "not_evaluable": len(results) - len(judged), "implementation": "vdit.eval.physics",
             "original": "vdit trajectory physics on procedural scenes (EVAL.md B2)", "exact": True}
     return {"per_video": per_video, "metrics": metrics}
 

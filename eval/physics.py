@@ -425,11 +425,13 @@ def energy_check(video: np.ndarray, params: SceneParams, fps: float | None = Non
             if h1 > h0 * (1 + rel_tol) + tol_px * scale:
                 violations += 1
         heights_all.append([float(h) for h in heights])
+    tracked = any(heights_all_k for heights_all_k in heights_all)
     return {
         "apex_heights_px": heights_all,
         "max_gain_px": float(max(gains)) if gains else None,
         "num_violations": int(violations),
-        "passed": violations == 0,
+        # Nothing tracked is no evidence either way: not evaluable (None), never a vacuous pass.
+        "passed": (violations == 0) if tracked else None,
     }
 
 
@@ -468,7 +470,7 @@ def penetration_check(video: np.ndarray, params: SceneParams, *, tol_px: float =
         "max_floor_depth_px": _max(floor_depth),
         "max_wall_depth_px": _max(wall_depth),
         "num_violations": int(bad.sum()),
-        "passed": not bool(bad.any()),
+        "passed": (not bool(bad.any())) if np.isfinite(centroids).any() else None,  # None: nothing tracked
     }
 
 
@@ -492,6 +494,8 @@ def continuity_check(video: np.ndarray, params: SceneParams, *, k: float = 3.0, 
     floor = min_px * _scale(params, video)
     d = np.linalg.norm(np.diff(centroids, axis=0), axis=-1)  # (T-1, K), NaN where missing
     max_jump, max_ratio, violations = 0.0, 0.0, 0
+    if not np.isfinite(d).any():  # no two consecutive tracked frames: not evaluable
+        return {"max_jump_px": None, "max_jump_ratio": None, "num_violations": 0, "passed": None}
     for b in range(d.shape[1]):
         db = d[:, b]
         for i in range(len(db)):
@@ -548,7 +552,7 @@ def physics_checks(video: np.ndarray, params: SceneParams, fps: float | None = N
         ``{"scene": str, "num_balls": K, "gravity": {...}, "energy": {...}, "penetration": {...},
         "continuity": {...}, "permanence": {...}, "passed": bool, "implementation": ...,
         "original": ..., "exact": False}``; each check dict has its own ``passed``. Plain
-        JSON-serialisable values.
+        JSON-serialisable values. A check's ``passed`` is None when nothing was tracked to judge it.
 
     Raises:
         ValueError: invalid video or fps.
@@ -565,7 +569,8 @@ def physics_checks(video: np.ndarray, params: SceneParams, fps: float | None = N
         "continuity": continuity_check(video, params, centroids=c),
         "permanence": permanence_check(video, params, track=track),
     }
-    out["passed"] = all(out[name]["passed"] for name in
+    # A check that could not be evaluated (passed None: nothing tracked) counts as not passed overall.
+    out["passed"] = all(out[name]["passed"] is True for name in
                         ("gravity", "energy", "penetration", "continuity", "permanence"))
     out.update(implementation=_IMPL + ".physics_checks", original=_ORIGINAL, exact=False)
     return out

@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["eval"] = os.path.join(RUN, "eval", evals[-1])
         summary["samples"] = os.path.join(RUN, os.path.dirname(ev["contact_sheet"]))
         summary["contact_sheet"] = os.path.join(RUN, ev["contact_sheet"])
-        summary["scores"] = {k: round(v["mean"], 4) for k, v in ev["metrics"].items()}
+        summary["scores"] = {k: None if v["mean"] is None else round(v["mean"], 4) for k, v in ev["metrics"].items()}
     _step("quickstart summary")
     print(json.dumps(summary, indent=2))
     if not last < first:

@@ -7,6 +7,13 @@ Architecture (DiT, Peebles & Xie 2023, extended to video and text):
     text (B, Lc, E)   --text_proj----> y (B, Lc, D) read by cross-attention in every block
     rope(grid_size)   --> (cos, sin) (L, Dh) rotates q/k of every self-attention
 
+Two ways to turn ``c`` into each block's 6 modulation vectors (``DiTConfig.modulation``):
+
+    "per_block"  DiT adaLN-Zero: every block owns Linear(SiLU(c)) -> (B, 6D); blocks receive c (B, D).
+    "shared"     adaLN-single (PixArt-alpha; Wan 2.1): one Linear(SiLU(c)) -> (B, 6D) computed once per
+                 forward in VideoDiT; every block receives it and adds its own learned (6, D)
+                 ``scale_shift_table``. Saves (depth - 1) * 6 D^2 parameters (~0.4B at Wan-1.3B size).
+
 Forward hooks are the extension points for parallelism (see vdit.train.parallel): ``patch_embed``'s
 output (tokens), ``rope``'s output (cos/sin) and ``final_layer``'s first positional input (tokens).
 The model itself is single-device code.
@@ -26,7 +33,14 @@ from .attention import Attention
 from .layers import Mlp, PatchEmbed3D, TextProjection, TimestepEmbedding, modulate, patch_grid
 from .rope import RotaryEmbedding3D
 
-__all__ = ["DiTConfig", "DiTBlock", "FinalLayer", "VideoDiT", "num_tokens"]
+__all__ = ["DiTConfig", "DiTBlock", "FinalLayer", "VideoDiT", "num_tokens", "MODULATIONS"]
+
+MODULATIONS = ("per_block", "shared")
+
+
+def _check_modulation(value: str) -> None:
+    if value not in MODULATIONS:
+        raise ValueError(f"modulation={value!r} is not one of {list(MODULATIONS)}")
 
 
 @dataclass
@@ -46,6 +60,15 @@ class DiTConfig:
         rope_theta: RoPE base.
         cross_attention: read text through cross-attention in every block. If False the text is
             mean-pooled over its mask and added to the timestep embedding instead (adaLN only).
+        modulation: how the conditioning becomes each block's shift/scale/gate.
+            ``"per_block"``: DiT adaLN-Zero, a ``Linear(D, 6D)`` in every block.
+            ``"shared"``: adaLN-single (PixArt-alpha, Wan 2.1), one ``Linear(D, 6D)`` for the whole
+            model plus a learned ``(6, D)`` table per block added to its output. Both are zero at
+            init, so adaLN-Zero's identity blocks are kept. The final layer keeps its own
+            ``Linear(D, 2D)`` modulation in both modes.
+
+    Raises:
+        ValueError: if ``modulation`` is not one of :data:`MODULATIONS`.
     """
 
     in_channels: int = 3
@@ -58,6 +81,10 @@ class DiTConfig:
     qk_norm: bool = True
     rope_theta: float = 10000.0
     cross_attention: bool = True
+    modulation: str = "per_block"
+
+    def __post_init__(self) -> None:
+        _check_modulation(self.modulation)
 
     @property
     def head_dim(self) -> int:
@@ -79,8 +106,9 @@ class DiTConfig:
         """Forward-pass FLOPs per video token (one multiply-add = 2 FLOPs).
 
         Counts all matmuls (patch embed, q/k/v/out projections, attention scores and values, MLP,
-        final linear). Per-sample work (text K/V projections, adaLN modulation, timestep and text
-        MLPs) is amortised over ``seq_len`` tokens. Norms, activations and RoPE are ignored.
+        final linear). Per-sample work (text K/V projections, adaLN modulation -- per block, or once
+        when shared --, timestep and text MLPs) is amortised over ``seq_len`` tokens. Norms,
+        activations and RoPE are ignored.
         A training step (forward + backward) costs about 3x this.
 
         Args:
@@ -90,10 +118,13 @@ class DiTConfig:
         d, dm = self.hidden_size, self.mlp_hidden
         patch = math.prod(self.patch_size) * self.in_channels
         per_block = 4 * d * d + 2 * seq_len * d + 2 * d * dm  # self-attn projections + attention + MLP (MACs)
-        per_block += 6 * d * d / seq_len  # adaLN modulation, once per sample
+        if self.modulation == "per_block":
+            per_block += 6 * d * d / seq_len  # adaLN modulation, once per sample
         if self.cross_attention:
             per_block += 2 * d * d + 2 * text_len * d + 2 * text_len * d * d / seq_len  # q/out, attention, k/v
         per_sample = (256 * d + d * d) + (self.text_dim * d + d * d) * text_len + 2 * d * d  # t/text MLPs, final adaLN
+        if self.modulation == "shared":
+            per_sample += 6 * d * d  # the one shared adaLN projection
         macs = patch * d + self.depth * per_block + d * patch + per_sample / seq_len
         return 2.0 * macs
 
@@ -111,7 +142,13 @@ class DiTBlock(nn.Module):
     ``x += gate_msa * SelfAttn(modulate(LN(x)))`` with RoPE; ``x += CrossAttn(LN'(x), text)``
     (plain pre-LN with affine, no modulation; the cross-attention output projection is zero-initialised,
     as PixArt-alpha does, so the block is the identity at init); ``x += gate_mlp * MLP(modulate(LN(x)))``.
-    shift/scale/gate come from ``Linear(SiLU(c))`` producing ``6 D`` values; that Linear is zeroed at init.
+
+    The ``6 D`` shift/scale/gate values come from, depending on ``modulation``:
+
+    - ``"per_block"``: this block's ``adaLN_modulation = Linear(SiLU(c))``, zeroed at init; the block
+      is called with ``c`` of shape ``(B, D)``.
+    - ``"shared"``: ``c + scale_shift_table``, where ``c`` is the model's shared projection
+      ``(B, 6 D)`` and ``scale_shift_table`` is this block's learned ``(6, D)`` table (zero at init).
 
     Args:
         hidden_size: ``D``.
@@ -119,6 +156,7 @@ class DiTBlock(nn.Module):
         mlp_ratio: MLP inner width ratio (rounded).
         qk_norm: RMSNorm on q/k.
         cross_attention: include the text cross-attention sub-layer.
+        modulation: ``"per_block"`` or ``"shared"`` (see :class:`DiTConfig`).
     """
 
     def __init__(
@@ -128,8 +166,11 @@ class DiTBlock(nn.Module):
         mlp_ratio: float = 4.0,
         qk_norm: bool = True,
         cross_attention: bool = True,
+        modulation: str = "per_block",
     ):
         super().__init__()
+        _check_modulation(modulation)
+        self.hidden_size = hidden_size
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm)
         if cross_attention:
@@ -140,7 +181,13 @@ class DiTBlock(nn.Module):
             self.cross_attn = None
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.mlp = Mlp(hidden_size, int(round(hidden_size * mlp_ratio)))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+        if modulation == "per_block":
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+            self.register_parameter("scale_shift_table", None)
+        else:
+            self.adaLN_modulation = None
+            # rows: shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp (the chunk order below)
+            self.scale_shift_table = nn.Parameter(torch.zeros(6, hidden_size))
 
     def forward(
         self,
@@ -152,7 +199,8 @@ class DiTBlock(nn.Module):
     ) -> torch.Tensor:
         """Args:
             x: ``(B, L, D)`` video tokens.
-            c: ``(B, D)`` conditioning (timestep embedding).
+            c: per-sample conditioning: ``(B, D)`` (timestep embedding) with per-block modulation, or
+                ``(B, 6D)`` (the model's shared adaLN projection) with shared modulation.
             context: ``(B, Lc, D)`` projected text tokens (required when the block has cross-attention).
             context_mask: bool ``(B, Lc)``, True = real token.
             rope: ``(cos, sin)`` each ``(L, D / num_heads)``.
@@ -161,9 +209,16 @@ class DiTBlock(nn.Module):
             ``(B, L, D)``.
 
         Raises:
-            ValueError: if the block has cross-attention and ``context`` is None.
+            ValueError: if the block has cross-attention and ``context`` is None, or ``c`` is not
+                ``(B, 6D)`` for a block with shared modulation.
         """
-        mod = self.adaLN_modulation(c)  # (B, 6D)
+        if self.scale_shift_table is None:
+            mod = self.adaLN_modulation(c)  # (B, 6D)
+        else:
+            if c.shape[-1] != 6 * self.hidden_size:
+                raise ValueError(f"this DiTBlock uses shared modulation: pass c (B, 6D)=(B, {6 * self.hidden_size}),"
+                                 f" the model's shared adaLN projection; got {tuple(c.shape)}")
+            mod = c + self.scale_shift_table.reshape(-1)  # (B, 6D); row i of the table is chunk i
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)  # 6 x (B, D)
         h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, L, D)
         x = x + gate_msa[:, None] * self.attn(h, rope=rope)  # (B, L, D)
@@ -214,11 +269,12 @@ class VideoDiT(nn.Module):
 
     Raises:
         ValueError: on an invalid config (heads not dividing width, bad patch size, head dim too
-            small for 3D RoPE).
+            small for 3D RoPE, unknown modulation).
     """
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
+        _check_modulation(cfg.modulation)  # the config may have been mutated after construction
         if len(cfg.patch_size) != 3:
             raise ValueError(f"patch_size must be [pt, ph, pw]; got {list(cfg.patch_size)}")
         if cfg.num_heads <= 0 or cfg.hidden_size % cfg.num_heads != 0:
@@ -231,8 +287,13 @@ class VideoDiT(nn.Module):
         self.rope = RotaryEmbedding3D(cfg.hidden_size // cfg.num_heads, theta=cfg.rope_theta)
         self.t_embedder = TimestepEmbedding(cfg.hidden_size)
         self.text_proj = TextProjection(cfg.text_dim, cfg.hidden_size)
+        if cfg.modulation == "shared":  # adaLN-single: one projection, each block adds its own table
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 6 * cfg.hidden_size))
+        else:
+            self.adaLN_modulation = None
         self.blocks = nn.ModuleList(
-            DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, cfg.cross_attention)
+            DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, cfg.cross_attention,
+                     cfg.modulation)
             for _ in range(cfg.depth)
         )
         self.final_layer = FinalLayer(cfg.hidden_size, math.prod(self.patch_size), cfg.in_channels)
@@ -275,17 +336,17 @@ class VideoDiT(nn.Module):
         rope = self.rope(grid, device=x.device)  # (cos, sin), each (L, Dh)
         c = self.t_embedder(t)  # (B, D)
         y = self.text_proj(text)  # (B, Lc, D)
-        if self.cross_attention:
-            for block in self.blocks:
-                h = block(h, c, y, text_mask, rope)  # (B, L, D)
-        else:
+        if not self.cross_attention:
             if text_mask is None:
                 text_mask = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)  # (B, Lc)
             w = text_mask.to(y.dtype)  # (B, Lc)
             pooled = (y * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)  # (B, D)
             c = c + pooled  # (B, D)
-            for block in self.blocks:
-                h = block(h, c, None, None, rope)  # (B, L, D)
+            y, text_mask = None, None
+        # per-block modulation: every block gets c; shared: the one projection, computed once here
+        block_c = c if self.adaLN_modulation is None else self.adaLN_modulation(c)  # (B, D) or (B, 6D)
+        for block in self.blocks:
+            h = block(h, block_c, y, text_mask, rope)  # (B, L, D)
         h = self.final_layer(h, c)  # (B, L, pt*ph*pw*C)
         pt, ph, pw = self.patch_size
         return rearrange(
@@ -300,7 +361,8 @@ class VideoDiT(nn.Module):
 
         Scheme (DiT): xavier-uniform for every Linear and for the patch-embed Conv3d viewed as a
         Linear of fan-in ``C*pt*ph*pw``; normal(0, 0.02) for the timestep MLP; zero biases; norms'
-        weights 1 and biases 0. Then adaLN-Zero: every block's ``adaLN_modulation`` Linear, every
+        weights 1 and biases 0. Then adaLN-Zero: every block's ``adaLN_modulation`` Linear (with
+        shared modulation: the shared Linear and every block's ``scale_shift_table``), every
         block's cross-attention ``out_proj``, and the final layer's modulation and output Linears
         are zeroed, so each block is the identity on its residual stream and the model outputs
         exactly 0 at init.
@@ -352,8 +414,14 @@ class VideoDiT(nn.Module):
 
         # adaLN-Zero (DiT Sec. 3.2) plus the zero cross-attention output (PixArt-alpha).
         zeroed = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        if self.adaLN_modulation is not None:
+            zeroed.append(self.adaLN_modulation[-1])
         for block in self.blocks:
-            zeroed.append(block.adaLN_modulation[-1])
+            if block.adaLN_modulation is not None:
+                zeroed.append(block.adaLN_modulation[-1])
+            if block.scale_shift_table is not None:
+                nn.init.zeros_(block.scale_shift_table)
+                mark(block.scale_shift_table)
             if block.cross_attn is not None:
                 zeroed.append(block.cross_attn.out_proj)
         for linear in zeroed:

@@ -1,4 +1,5 @@
-"""VideoDiT: shapes, adaLN-Zero init semantics, meta-device init, masks, swappable attention core."""
+"""VideoDiT: shapes, adaLN-Zero init semantics (per-block and shared modulation), meta-device init,
+parameter counts, masks, swappable attention core."""
 
 from __future__ import annotations
 
@@ -6,9 +7,10 @@ import pytest
 import torch
 
 from vdit.model.attention import Attention, math_attention, sdpa_attention
-from vdit.model.dit import DiTConfig, VideoDiT, num_tokens
+from vdit.model.dit import MODULATIONS, DiTBlock, DiTConfig, VideoDiT, num_tokens
 
 TEXT_DIM = 16
+MODS = pytest.mark.parametrize("modulation", MODULATIONS)
 
 
 def tiny_cfg(**overrides) -> DiTConfig:
@@ -35,9 +37,15 @@ def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> None:
         p.copy_(torch.randn(p.shape, generator=g) * std)
 
 
+def block_conditioning(model: VideoDiT, c: torch.Tensor) -> torch.Tensor:
+    """What VideoDiT.forward hands every block: c (B, D), or the shared projection (B, 6D)."""
+    return c if model.adaLN_modulation is None else model.adaLN_modulation(c)
+
+
+@MODS
 @pytest.mark.parametrize("patch_size", [(1, 2, 2), (2, 2, 2), (1, 4, 4)])
-def test_output_shape_equals_input_shape(patch_size):
-    model = VideoDiT(tiny_cfg(patch_size=list(patch_size)))
+def test_output_shape_equals_input_shape(patch_size, modulation):
+    model = VideoDiT(tiny_cfg(patch_size=list(patch_size), modulation=modulation))
     for frames in (1, 4, 8):
         x, t, text, mask = inputs(b=1, t=frames)
         if frames % patch_size[0]:
@@ -59,30 +67,34 @@ def test_indivisible_size_raises_with_names():
         num_tokens(model.cfg, (3, 3, 8, 8))
 
 
-def test_output_exactly_zero_at_init():
+@MODS
+def test_output_exactly_zero_at_init(modulation):
     for cross in (True, False):
-        model = VideoDiT(tiny_cfg(cross_attention=cross))
+        model = VideoDiT(tiny_cfg(cross_attention=cross, modulation=modulation))
         x, t, text, mask = inputs()
         with torch.no_grad():
             out = model(x, t, text, mask)
         assert torch.equal(out, torch.zeros_like(out))
 
 
-def test_every_block_is_identity_at_init():
-    model = VideoDiT(tiny_cfg())
+@MODS
+def test_every_block_is_identity_at_init(modulation):
+    model = VideoDiT(tiny_cfg(modulation=modulation))
     x, t, text, mask = inputs()
     with torch.no_grad():
         h = model.patch_embed(x)
         rope = model.rope(model.patch_embed.grid_size(*x.shape[2:]))
-        c = model.t_embedder(t)
+        c = block_conditioning(model, model.t_embedder(t))
+        assert c.shape == (2, 32 if modulation == "per_block" else 6 * 32)
         y = model.text_proj(text)
         for block in model.blocks:
             assert torch.equal(block(h, c, y, mask, rope), h)
 
 
-def test_one_step_makes_output_nonzero():
+@MODS
+def test_one_step_makes_output_nonzero(modulation):
     torch.manual_seed(0)
-    model = VideoDiT(tiny_cfg())
+    model = VideoDiT(tiny_cfg(modulation=modulation))
     x, t, text, mask = inputs()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     loss = (model(x, t, text, mask) - torch.randn_like(x)).square().mean()
@@ -92,11 +104,12 @@ def test_one_step_makes_output_nonzero():
         assert model(x, t, text, mask).abs().max() > 0
 
 
-def test_gradients_reach_all_parameters_after_a_few_steps():
+@MODS
+def test_gradients_reach_all_parameters_after_a_few_steps(modulation):
     # adaLN-Zero: step 0 only the final Linear has gradient; gates, then attention/MLP weights
     # and the conditioning paths open up on the following steps.
     torch.manual_seed(0)
-    model = VideoDiT(tiny_cfg())
+    model = VideoDiT(tiny_cfg(modulation=modulation))
     x, t, text, mask = inputs()
     target = torch.randn_like(x)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
@@ -110,8 +123,60 @@ def test_gradients_reach_all_parameters_after_a_few_steps():
     assert not dead, dead
 
 
-def test_meta_build_then_init_matches_direct_build():
+def test_shared_tables_get_gradients_once_final_layer_is_nonzero():
+    torch.manual_seed(0)
+    model = VideoDiT(tiny_cfg(modulation="shared"))
+    torch.nn.init.normal_(model.final_layer.linear.weight, std=0.1)  # what the first optimizer step does
+    x, t, text, mask = inputs()
+    (model(x, t, text, mask) - torch.randn_like(x)).square().mean().backward()
+    for i, block in enumerate(model.blocks):
+        g = block.scale_shift_table.grad  # (6, D); rows 2 and 5 are the gates
+        assert g is not None and g[2].abs().max() > 0 and g[5].abs().max() > 0, i
+    assert model.adaLN_modulation[-1].bias.grad.abs().max() > 0
+    assert model.adaLN_modulation[-1].weight.grad.abs().max() > 0
+
+
+def test_shared_modulation_equals_per_block_with_tied_linears():
+    """shared = per-block adaLN whose Linears all share one weight and have bias b_shared + table."""
+    torch.manual_seed(0)
+    shared = VideoDiT(tiny_cfg(modulation="shared"))
+    randomize(shared)
+    per_block = VideoDiT(tiny_cfg(modulation="per_block"))
+    state = {k: v for k, v in shared.state_dict().items()
+             if not k.startswith("adaLN_modulation.") and not k.endswith("scale_shift_table")}
+    lin = shared.adaLN_modulation[-1]
+    for i, block in enumerate(shared.blocks):
+        state[f"blocks.{i}.adaLN_modulation.1.weight"] = lin.weight
+        state[f"blocks.{i}.adaLN_modulation.1.bias"] = lin.bias + block.scale_shift_table.reshape(-1)
+    per_block.load_state_dict(state)  # strict: every per-block parameter is accounted for
+    x, t, text, mask = inputs()
+    with torch.no_grad():
+        out = shared(x, t, text, mask)
+        assert out.abs().max() > 0
+        assert torch.allclose(out, per_block(x, t, text, mask), atol=1e-5, rtol=0)
+
+
+def test_invalid_modulation_raises_listing_valid_values():
+    with pytest.raises(ValueError, match=r"'adaLN'.*per_block.*shared"):
+        tiny_cfg(modulation="adaLN")
+    with pytest.raises(ValueError, match="per_block"):
+        DiTBlock(32, 2, modulation="single")
     cfg = tiny_cfg()
+    cfg.modulation = "single"  # mutated after construction: VideoDiT checks again
+    with pytest.raises(ValueError, match="per_block"):
+        VideoDiT(cfg)
+
+
+def test_shared_block_rejects_unprojected_conditioning():
+    model = VideoDiT(tiny_cfg(modulation="shared"))
+    x, t, text, mask = inputs()
+    with torch.no_grad(), pytest.raises(ValueError, match="shared"):
+        model.blocks[0](model.patch_embed(x), model.t_embedder(t), model.text_proj(text), mask)
+
+
+@MODS
+def test_meta_build_then_init_matches_direct_build(modulation):
+    cfg = tiny_cfg(modulation=modulation)
     with torch.device("meta"):
         meta_model = VideoDiT(cfg)
     assert all(p.is_meta for p in meta_model.parameters())
@@ -138,11 +203,24 @@ def test_init_weights_seed_is_deterministic_and_leaves_global_rng_alone():
     assert not torch.equal(first["blocks.0.attn.q_proj.weight"], model.blocks[0].attn.q_proj.weight)
 
 
-def test_num_params_matches_built_model():
-    cfg = tiny_cfg(patch_size=[1, 4, 4], depth=3)
+@MODS
+def test_num_params_matches_built_model(modulation):
+    cfg = tiny_cfg(patch_size=[1, 4, 4], depth=3, modulation=modulation)
     assert cfg.num_params() == sum(p.numel() for p in VideoDiT(cfg).parameters())
+    with torch.device("meta"):
+        meta_model = VideoDiT(cfg)
+    assert cfg.num_params() == sum(p.numel() for p in meta_model.parameters())
     assert DiTConfig(hidden_size=1536, mlp_ratio=8960 / 1536).mlp_hidden == 8960
     assert cfg.flops_per_token(64, 5) > 0
+
+
+def test_shared_modulation_saves_the_per_block_projections():
+    # per block: depth * Linear(D, 6D); shared: one Linear(D, 6D) + depth * (6, D) tables
+    d, depth = 32, 3
+    n = {m: tiny_cfg(depth=depth, modulation=m).num_params() for m in MODULATIONS}
+    assert n["per_block"] - n["shared"] == (depth - 1) * 6 * d * d - 6 * d
+    per_block, shared = (tiny_cfg(depth=depth, modulation=m).flops_per_token(64, 5) for m in MODULATIONS)
+    assert shared < per_block
 
 
 def test_masked_text_tokens_do_not_change_output():
@@ -206,10 +284,11 @@ def test_attention_validates_heads_and_rope_use():
         attn(torch.randn(1, 3, 16), context=torch.randn(1, 2, 16), rope=rope)
 
 
-def test_forward_hook_points_for_parallelism():
+@MODS
+def test_forward_hook_points_for_parallelism(modulation):
     """Sequence parallelism shards patch_embed's output and rope's output and gathers
     final_layer's first input; check those are the (B, L, D) / (L, Dh) tensors it expects."""
-    model = VideoDiT(tiny_cfg())
+    model = VideoDiT(tiny_cfg(modulation=modulation))
     randomize(model)
     x, t, text, mask = inputs(t=2)
     seen = {}
@@ -231,8 +310,9 @@ def test_forward_hook_points_for_parallelism():
     assert not torch.allclose(ref, changed)
 
 
-def test_without_cross_attention_text_conditions_through_pooled_embedding():
-    model = VideoDiT(tiny_cfg(cross_attention=False))
+@MODS
+def test_without_cross_attention_text_conditions_through_pooled_embedding(modulation):
+    model = VideoDiT(tiny_cfg(cross_attention=False, modulation=modulation))
     assert all(b.cross_attn is None for b in model.blocks)
     randomize(model)
     x, t, text, mask = inputs()

@@ -179,3 +179,17 @@ def test_other_resolution_and_blur_still_pass(scene):
     report = physics_checks(up, params, gravity_tol=0.02)
     assert report["passed"], failed(report)
     assert report["gravity"]["g_est"] == pytest.approx(params.gravity, rel=0.02)
+
+
+def test_nothing_tracked_is_not_evaluable_never_a_vacuous_pass():
+    """A video with no ball in it (e.g. an untrained model's gray output) cannot pass energy/penetration/continuity."""
+    from vdit.data.synthetic import random_scene
+    from vdit.eval.physics import physics_checks
+
+    params = random_scene(np.random.default_rng(0), 64, 64, 24, 12)
+    blank = np.full((24, 64, 64, 3), 128, np.uint8)
+    out = physics_checks(blank, params)
+    for name in ("energy", "penetration", "continuity"):
+        assert out[name]["passed"] is None, name
+    assert out["gravity"]["passed"] is False and out["permanence"]["passed"] is False
+    assert out["passed"] is False

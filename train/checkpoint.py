@@ -18,6 +18,8 @@ import os
 import pickle
 import re
 import shutil
+import warnings
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -64,6 +66,15 @@ class ObjectState(Stateful):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.obj.load_state_dict(pickle.loads(state[self._key()]))
+
+
+@contextmanager
+def _single_process_quiet():
+    """DCP warns on every call that it runs without a process group; in one process that is intended."""
+    with warnings.catch_warnings():
+        if not dist.is_initialized():
+            warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        yield
 
 
 def _is_rank0() -> bool:
@@ -114,7 +125,8 @@ class CheckpointManager:
         if _is_rank0() and os.path.exists(path):
             shutil.rmtree(path)  # a half-written leftover of a crashed save
         _barrier()
-        dcp.save(state, checkpoint_id=path)
+        with _single_process_quiet():
+            dcp.save(state, checkpoint_id=path)
         _barrier()
         if _is_rank0():
             with open(os.path.join(path, "COMPLETE"), "w") as f:
@@ -131,7 +143,8 @@ class CheckpointManager:
         """
         if not os.path.exists(os.path.join(path, "COMPLETE")):
             raise FileNotFoundError(f"{path} is not a complete vdit checkpoint (no COMPLETE marker)")
-        dcp.load(state, checkpoint_id=path)
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=path)
         with open(os.path.join(path, "COMPLETE")) as f:
             return int(json.load(f)["step"])
 

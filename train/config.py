@@ -18,7 +18,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from vdit.model.dit import DiTConfig
+from vdit.model.dit import MODULATIONS, DiTConfig
 
 
 @dataclass
@@ -169,6 +169,7 @@ class TrainConfig:
 
 
 _VALID = {
+    ("model", "modulation"): MODULATIONS,
     ("text_encoder", "name"): ("minilm", "hf", "random"),
     ("vae", "name"): ("identity",),
     ("flow", "timestep_sampling"): ("logit_normal", "uniform"),

@@ -33,6 +33,7 @@ class RunLogger:
     def __init__(self, run_dir: str, wandb_cfg: WandbConfig, config: dict[str, Any], total_steps: int,
                  start_step: int = 0, is_main: bool = True):
         self.is_main = is_main
+        self.total_steps = total_steps
         self.path = os.path.join(run_dir, "metrics.jsonl")
         self.wandb = None
         self.bar = None
@@ -60,6 +61,14 @@ class RunLogger:
             self.wandb.log(metrics, step=step)
         if self.bar is not None and "loss/train" in metrics:
             self.bar.set_postfix(loss=f"{metrics['loss/train']:.4f}", lr=f"{metrics.get('optim/lr', 0):.2e}")
+        if "perf/steps_per_s" in metrics and (self.bar is None or self.bar.disable):
+            # No terminal (SLURM logs, CI): one progress line per log interval instead of a bar.
+            rate = metrics["perf/steps_per_s"]
+            eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
+            log.info("step %d/%d  loss %.4f  lr %.2e  %.2f it/s  data wait %.0f%%  ETA %s", step, self.total_steps,
+                     metrics.get("loss/train_mean", metrics.get("loss/train", float("nan"))),
+                     metrics.get("optim/lr", 0.0), rate, 100 * metrics.get("perf/data_wait_frac", 0.0),
+                     time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?")
 
     def advance(self, n: int = 1) -> None:
         """Move the progress bar by ``n`` steps (shows it/s and ETA)."""

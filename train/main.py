@@ -30,7 +30,10 @@ def run(cfg: DictConfig) -> dict:
 
     obj = validate(cfg)
     result = Trainer(obj).fit()
-    log.info("done: %s", json.dumps(result, default=str))
+    ev = result.get("eval") or {}
+    summary = {"step": result["step"], "checkpoint": result["checkpoint"],
+               "eval": {k: v.get("mean") for k, v in ev.get("metrics", {}).items()}}
+    log.info("done: %s (run directory %s)", json.dumps(summary, default=str), obj.run_dir)
     return result
 
 
