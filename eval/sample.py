@@ -5,6 +5,7 @@ Run:
         --num-steps 20 --cfg-scale 3 --seed 0
     vdit-sample --run-dir runs/quickstart --checkpoint runs/quickstart/checkpoints/step-00000400 \
         --prompts-file prompts.txt --no-ema --out /tmp/samples
+    vdit-sample --weights runs/quickstart/export/step-400 --prompt "..."     # a vdit-export folder
 
 The model is rebuilt from the run's ``config.yaml``; EMA weights are used unless ``--no-ema``.
 Writes one mp4 per prompt plus ``contact_sheet.png`` and ``prompts.json`` into ``--out``
@@ -66,39 +67,34 @@ def generate(model: torch.nn.Module, encode_text: TextFn, vae: Autoencoder, prom
     return vae.decode(x0).float().clamp(-1, 1).cpu()
 
 
-def load_run(run_dir: str, checkpoint: str | None = None, use_ema: bool = True, device: str = "auto"):
-    """Rebuild the model, text encoder and autoencoder of a run and load checkpoint weights.
+def load_run(run_dir: str | None = None, checkpoint: str | None = None, use_ema: bool = True,
+             device: str = "auto", weights: str | None = None):
+    """Rebuild the model, text encoder and autoencoder and load weights.
+
+    Either from a run directory (its ``config.yaml`` and a DCP checkpoint: the latest complete one
+    unless ``checkpoint`` is given; EMA weights unless ``use_ema=False``) or from an exported folder
+    ``weights`` (``vdit-export``: model.safetensors + config.json), which needs no run directory.
 
     Returns ``(cfg, model, text_encoder, vae, step, device)``.
 
     Raises:
-        FileNotFoundError: no ``config.yaml`` in ``run_dir`` or no complete checkpoint.
+        FileNotFoundError: missing config.yaml, checkpoint or export files.
     """
     from vdit.train.checkpoint import CheckpointManager
-    from vdit.train.config import TrainConfig
-    from vdit.train.ema import EMA
-    from vdit.train.trainer import build_frozen, build_model, resolve_device
+    from vdit.train.export import load_checkpoint_weights, load_exported, load_run_config
+    from vdit.train.trainer import build_frozen, resolve_device
 
-    cfg_path = os.path.join(run_dir, "config.yaml")
-    if not os.path.exists(cfg_path):
-        raise FileNotFoundError(f"{cfg_path} not found: --run-dir must be a vdit run directory")
-    cfg: TrainConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(cfg_path)))
     dev = resolve_device(device)
-    manager = CheckpointManager(os.path.join(run_dir, "checkpoints"))
-    path = checkpoint or manager.latest()
-    if path is None:
-        raise FileNotFoundError(f"no complete checkpoint under {run_dir}/checkpoints")
-    model = build_model(cfg, dev)
-    if use_ema:
-        ema = EMA(model, cfg.train.ema_decay)
-        step = manager.load(path, {"ema": ema})
-        ema.copy_to(model)
+    if weights is not None:
+        cfg, model, step = load_exported(weights, dev)
     else:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
-
-        sd = {"app": {"model": get_model_state_dict(model)}}
-        step = manager.load(path, sd)
-        set_model_state_dict(model, sd["app"]["model"])
+        if run_dir is None:
+            raise FileNotFoundError("give a run directory or an exported weights folder")
+        cfg = load_run_config(run_dir)
+        path = checkpoint or CheckpointManager(os.path.join(run_dir, "checkpoints")).latest()
+        if path is None:
+            raise FileNotFoundError(f"no complete checkpoint under {run_dir}/checkpoints")
+        model, step = load_checkpoint_weights(cfg, path, "ema" if use_ema else "raw", dev)
     text_encoder, vae = build_frozen(cfg, dev)
     return cfg, model, text_encoder, vae, step, dev
 
@@ -107,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point (``vdit-sample``); returns the exit status."""
     ap = argparse.ArgumentParser(prog="vdit-sample", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", required=True, help="run directory with config.yaml and checkpoints/")
+    ap.add_argument("--run-dir", default=None, help="run directory with config.yaml and checkpoints/")
+    ap.add_argument("--weights", default=None, help="an exported folder (vdit-export) instead of --run-dir")
     ap.add_argument("--checkpoint", default=None, help="checkpoint directory (default: latest complete)")
     ap.add_argument("--prompt", action="append", default=[], help="a caption; repeatable")
     ap.add_argument("--prompts-file", default=None, help="text file, one caption per line")
@@ -130,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             prompts += [line.strip() for line in f if line.strip()]
     if not prompts:
         ap.error("give at least one --prompt or a --prompts-file")
+    if not args.run_dir and not args.weights:
+        ap.error("give --run-dir or --weights")
     try:
-        cfg, model, text_encoder, vae, step, dev = load_run(args.run_dir, args.checkpoint, not args.no_ema, args.device)
+        cfg, model, text_encoder, vae, step, dev = load_run(args.run_dir, args.checkpoint, not args.no_ema, args.device,
+                                                            args.weights)
     except FileNotFoundError as exn:
         print(f"vdit-sample: {exn}", file=sys.stderr)
         return 1
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     videos = generate(model, TextCache(text_encoder, cfg.text_encoder.max_length, dev), vae, prompts,
                       args.num_frames or d.num_frames, args.height or d.height, args.width or d.width, args.num_steps,
                       args.cfg_scale, args.flow_shift, args.seed, dev)
-    out = args.out or os.path.join(args.run_dir, "samples", f"step-{step}")
+    out = args.out or os.path.join(args.run_dir or args.weights, "samples", f"step-{step}")
     paths = write_samples(out, videos, prompts, args.fps or d.target_fps or 8.0)
     print(json.dumps({"step": step, "samples": paths, "contact_sheet": os.path.join(out, "contact_sheet.png")},
                      indent=2))

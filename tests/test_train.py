@@ -99,3 +99,23 @@ def test_meta_init_matches_direct_init(shards, tmp_path):
     direct.init_weights(seed=cfg.train.seed)
     for (n, a), b in zip(t.model.state_dict().items(), direct.state_dict().values()):
         assert torch.equal(a, b), n
+
+
+def test_export_equals_checkpoint_weights_and_samples(shards, tmp_path):
+    """vdit-export writes the EMA (or raw) weights to one safetensors file that loads on one device."""
+    from vdit.eval.sample import load_run
+    from vdit.train.export import main as export_main
+
+    t = Trainer(tiny_cfg(shards, tmp_path / "r", "train.steps=2"))
+    t.fit()
+    out = tmp_path / "export"
+    assert export_main(["--run-dir", str(tmp_path / "r"), "--out", str(out)]) == 0
+    cfg, model, _, _, step, _ = load_run(weights=str(out), device="cpu")
+    assert step == 2
+    for name, p in model.named_parameters():
+        assert torch.equal(p, t.ema.shadow[name]), name
+    assert export_main(["--run-dir", str(tmp_path / "r"), "--out", str(tmp_path / "raw"), "--weights", "raw"]) == 0
+    _, raw, _, _, _, _ = load_run(weights=str(tmp_path / "raw"), device="cpu")
+    for (name, p), q in zip(raw.named_parameters(), t.model.parameters()):
+        assert torch.equal(p, q), name
+    assert export_main(["--run-dir", str(tmp_path / "nothing")]) == 1
