@@ -12,6 +12,7 @@ import logging
 import os
 import random
 import time
+import zlib
 from typing import Any
 
 import numpy as np
@@ -118,12 +119,11 @@ class _TrainerState:
         self.t = trainer
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.t.step, "generator": self.t.generator.get_state(), "torch": torch.get_rng_state(),
+        return {"step": self.t.step, "torch": torch.get_rng_state(),
                 "numpy": np.random.get_state(), "python": random.getstate()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.t.step = int(state["step"])
-        self.t.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch"])
         np.random.set_state(state["numpy"])
         random.setstate(state["python"])
@@ -148,7 +148,6 @@ class Trainer:
         self.dtype = resolve_precision(cfg.train.precision, self.device)
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
-        self.generator = torch.Generator().manual_seed(cfg.train.seed)  # timesteps, noise, caption dropout
 
         self.text_encoder, self.vae = build_frozen(cfg, self.device)
         self.encode_text = TextCache(self.text_encoder, cfg.text_encoder.max_length, self.device)
@@ -255,41 +254,70 @@ class Trainer:
             **{f"data/skipped/{k}": v for k, v in self.data.skipped.items()},
         })
 
-    def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; returns device tensors (no host sync).
+    def sample_randomness(self, keys: list[str], latent_shape: tuple[int, ...]
+                          ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+        """Timesteps ``(B,)``, noise ``(B, *latent_shape)`` and caption-dropout flags for a micro-batch.
 
-        The loss is the mean over all samples of the step (each micro-batch's mean loss is divided by
-        the number of micro-batches), so it does not depend on how the global batch is split.
+        Each sample's draws come from a generator seeded by ``(train.seed, step, sample key)``, so
+        they do not depend on how the global batch is split over ranks or accumulation steps,
+        nor on anything before this step: a resumed run needs no generator state to continue
+        exactly, and a 2-rank run draws the same numbers for a sample as a 1-rank run.
+        """
+        f = self.cfg.flow
+        ts, noises, drops = [], [], []
+        seen: dict[str, int] = {}
+        for key in keys:
+            n = seen[key] = seen.get(key, -1) + 1  # a clip twice in one step still gets fresh draws
+            seq = np.random.SeedSequence([self.cfg.train.seed, self.step, zlib.crc32(key.encode()), n])
+            g = torch.Generator().manual_seed(int(seq.generate_state(1, np.uint64)[0] >> 1))
+            drops.append(bool(torch.rand((), generator=g) < self.cfg.data.caption_dropout))
+            ts.append(flow.sample_timesteps(1, generator=g, mode=f.timestep_sampling, logit_mean=f.logit_mean,
+                                            logit_std=f.logit_std))
+            noises.append(torch.randn(latent_shape, generator=g))
+        t = flow.shift_timesteps(torch.cat(ts), self.flow_shift)  # (B,)
+        return t, torch.stack(noises), drops  # (B,), (B, C, T', H', W'), [B]
+
+    def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; returns device tensors (no host sync)."""
+        total = self.forward_backward(micro_batches)
+        return {"loss": total, "grad_norm": self.optimizer_step()}
+
+    def forward_backward(self, micro_batches: list[dict[str, Any]]) -> torch.Tensor:
+        """Accumulate gradients of the flow-matching loss over micro-batches; returns the step's loss (device).
+
+        The loss is the mean over every sample of the step: each micro-batch contributes
+        ``sum of its per-sample losses / samples in the step``, so splitting the same samples into
+        more accumulation steps changes neither the loss nor the gradients.
         """
         self.model.train()
         total = torch.zeros((), device=self.device)
-        n = len(micro_batches)
+        n = sum(len(b["key"]) for b in micro_batches)
         for batch in micro_batches:
             video = batch["video"].to(self.device, non_blocking=True)  # (B, 3, T, H, W) in [-1, 1]
             with torch.no_grad():
                 x0 = self.vae.encode(video)  # (B, C, T', H', W')
-            B = x0.shape[0]
-            drop = torch.rand(B, generator=self.generator) < self.cfg.data.caption_dropout
-            captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist())]
-            text, text_mask = self.encode_text(captions)
-            f = self.cfg.flow
-            t = flow.sample_timesteps(B, generator=self.generator, mode=f.timestep_sampling,
-                                      logit_mean=f.logit_mean, logit_std=f.logit_std)
-            t = flow.shift_timesteps(t, self.flow_shift).to(self.device)
-            noise = torch.randn(x0.shape, generator=self.generator).to(self.device)
+            t, noise, drop = self.sample_randomness(batch["key"], tuple(x0.shape[1:]))
+            captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
+            text, text_mask = self.encode_text(captions)  # (B, L, D), (B, L)
+            t, noise = t.to(self.device), noise.to(self.device)
             xt = flow.interpolate(x0, noise, t)  # (B, C, T', H', W')
             target = flow.velocity_target(x0, noise)
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                pred = self.model(xt, t, text, text_mask)
-            _, loss = flow.flow_loss(pred.float(), target)
-            (loss / n).backward()
-            total += loss.detach() / n
+                pred = self.model(xt, t, text, text_mask)  # (B, C, T', H', W')
+            per_sample, _ = flow.flow_loss(pred.float(), target)  # (B,)
+            loss = per_sample.sum() / n
+            loss.backward()
+            total += loss.detach()
+        return total
+
+    def optimizer_step(self) -> torch.Tensor:
+        """Clip, step the optimizer and scheduler, zero the gradients, update the EMA; returns the grad norm."""
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.model)
-        return {"loss": total, "grad_norm": grad_norm}
+        return grad_norm
 
     # ------------------------------------------------------------------------------------------ eval
     def evaluate(self) -> dict[str, Any]:
