@@ -15,7 +15,7 @@ Two ways to turn ``c`` into each block's 6 modulation vectors (``DiTConfig.modul
                  ``scale_shift_table``. Saves (depth - 1) * 6 D^2 parameters (~0.4B at Wan-1.3B size).
 
 Forward hooks are the extension points for parallelism (see vdit.train.parallel): ``patch_embed``'s
-output (tokens), ``rope``'s output (cos/sin) and ``final_layer``'s first positional input (tokens).
+output (tokens), ``rope``'s output (cos/sin) and ``final_layer``'s output (per-token patches, gathered there: P wide instead of D wide).
 The model itself is single-device code.
 """
 

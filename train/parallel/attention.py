@@ -1,0 +1,211 @@
+"""Attention backends behind the model's one kernel interface, plus an attention-with-LSE primitive.
+
+Every kernel here has the signature of :class:`vdit.model.attention.AttentionCore`, layout
+``(B, L, H, D)``::
+
+    core(q, k, v, attn_mask=None) -> out      # attn_mask: optional bool (B, Lk), True = keep
+
+Backends (:func:`select_attention_backend`):
+
+    flash  FlashAttention-3 (``flash_attn_interface``) if importable, else FlashAttention-2
+           (``flash_attn``). CUDA and fp16/bf16 only. ``flash_attn_func`` has no key-padding mask, so a
+           call *with* ``attn_mask`` falls back to SDPA (the model passes a mask only to text
+           cross-attention, whose key count is small; sequence parallelism slices padded keys off
+           instead of masking them, so SP self-attention stays on the flash kernel).
+    sdpa   ``torch.nn.functional.scaled_dot_product_attention`` (the model's default); PyTorch picks
+           its own fused kernel (flash / memory-efficient / math) underneath.
+    math   :func:`vdit.model.attention.math_attention`, explicit fp32 softmax; a reference for tests.
+    auto   flash when flash-attn is installed and the device is CUDA, else sdpa.
+
+Apply to a model from the outside (DESIGN.md 3.1)::
+
+    from vdit.train.parallel.attention import apply_attention_backend
+    name = apply_attention_backend(model, "auto", device)   # before apply_sequence_parallel
+
+:func:`attention_with_lse` returns the per-row log-sum-exp next to the output; ring attention
+(``sequence.py``) merges partial results over key blocks with it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from vdit.model.attention import Attention, math_attention, sdpa_attention
+
+__all__ = [
+    "BACKENDS",
+    "flash_attention",
+    "flash_attn_available",
+    "select_attention_backend",
+    "apply_attention_backend",
+    "attention_with_lse",
+]
+
+log = logging.getLogger("vdit")
+
+BACKENDS = ("auto", "flash", "sdpa", "math")
+_INSTALL_HINT = "install FlashAttention with `pip install vdit[gpu]` (or `pip install flash-attn`)"
+_logged: set[tuple[str, str]] = set()
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_func() -> tuple[Callable | None, str]:
+    """``(flash_attn_func, "fa3" | "fa2")``, or ``(None, reason)`` when neither package imports.
+
+    Imported for real (not just ``find_spec``): a wheel built for another CUDA fails only at import.
+    """
+    errors = []
+    for module, tag in (("flash_attn_interface", "fa3"), ("flash_attn", "fa2")):
+        try:
+            return importlib.import_module(module).flash_attn_func, tag
+        except Exception as e:  # ImportError, or an OSError/RuntimeError from a mismatched CUDA build
+            errors.append(f"{module}: {type(e).__name__}: {e}")
+    return None, "; ".join(errors)
+
+
+def flash_attn_available() -> bool:
+    """True when FlashAttention 3 or 2 can be imported."""
+    return _flash_func()[0] is not None
+
+
+def flash_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """FlashAttention core (FA3 if installed, else FA2), same contract as ``sdpa_attention``.
+
+    Args:
+        q: ``(B, Lq, H, D)``; k, v: ``(B, Lk, H, D)``; CUDA tensors in fp16 or bf16.
+        attn_mask: optional bool ``(B, Lk)`` key-padding mask. ``flash_attn_func`` cannot take one,
+            so masked calls are routed to :func:`~vdit.model.attention.sdpa_attention` (same result).
+
+    Returns:
+        ``(B, Lq, H, D)`` in ``q.dtype``; scale ``1/sqrt(D)``.
+
+    Raises:
+        ImportError: if neither flash-attn package is importable (with the install hint).
+        ValueError: if the tensors are not on CUDA or not fp16/bf16.
+    """
+    if attn_mask is not None:
+        return sdpa_attention(q, k, v, attn_mask=attn_mask)
+    fn, tag = _flash_func()
+    if fn is None:
+        raise ImportError(f"flash attention requested but flash-attn is not importable ({tag}); {_INSTALL_HINT}")
+    if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(
+            f"flash attention needs CUDA fp16/bf16 tensors; got device={q.device}, dtype={q.dtype} "
+            "(use the 'sdpa' backend, or run under autocast / a bf16 model)"
+        )
+    out = fn(q, k.to(q.dtype), v.to(q.dtype))  # (B, Lq, H, D); FA3 may return (out, lse)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def select_attention_backend(
+    name: str = "auto", device: torch.device | str | None = None
+) -> tuple[Callable, str]:
+    """Resolve a backend name to a kernel.
+
+    Args:
+        name: ``auto | flash | sdpa | math`` (see the module docstring).
+        device: where the model runs; ``auto`` picks flash only for CUDA. ``None`` means CPU.
+
+    Returns:
+        ``(core, resolved_name)`` where ``resolved_name`` is ``flash``, ``sdpa`` or ``math``. The
+        choice is logged once (logger ``vdit``, level INFO).
+
+    Raises:
+        ValueError: for an unknown name (lists the valid ones).
+        ImportError: ``flash`` requested without flash-attn installed (with the install hint).
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; valid: {list(BACKENDS)}")
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    reason = "requested"
+    if name == "auto":
+        if dev.type == "cuda" and flash_attn_available():
+            resolved, reason = "flash", f"auto: {_flash_func()[1]} installed, device {dev}"
+        else:
+            resolved = "sdpa"
+            reason = f"auto: device {dev}" if dev.type != "cuda" else "auto: flash-attn not installed"
+    else:
+        resolved = name
+    if resolved == "flash" and not flash_attn_available():
+        raise ImportError(f"attention backend 'flash' needs flash-attn, which is not importable; {_INSTALL_HINT}")
+    core = {"flash": flash_attention, "sdpa": sdpa_attention, "math": math_attention}[resolved]
+    if (name, resolved) not in _logged:
+        _logged.add((name, resolved))
+        log.info("attention backend: %s (%s)", resolved, reason)
+    return core, resolved
+
+
+def apply_attention_backend(model: nn.Module, name: str = "auto", device: torch.device | str | None = None) -> str:
+    """Set ``core`` on every :class:`~vdit.model.attention.Attention` of ``model`` (self and cross).
+
+    If sequence parallelism already wraps a core, the backend replaces the kernel *inside* the SP
+    wrapper (its ``inner`` attribute) rather than the wrapper itself.
+
+    Returns:
+        The resolved backend name.
+    """
+    core, resolved = select_attention_backend(name, device)
+    for module in model.modules():
+        if isinstance(module, Attention):
+            if hasattr(module.core, "inner"):  # an SP wrapper (vdit.train.parallel.sequence)
+                module.core.inner = core
+            else:
+                module.core = core
+    return resolved
+
+
+def attention_with_lse(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention that also returns the log-sum-exp of each score row.
+
+    Plain torch, computed in fp32 (materialises the ``(B, H, Lq, Lk)`` scores: intended for one ring
+    block at a time). A row whose keys are all masked gets ``out = 0`` and ``lse = -inf``, which is
+    exactly the neutral element of the log-sum-exp merge ring attention does.
+
+    Args:
+        q: ``(B, Lq, H, D)``; k, v: ``(B, Lk, H, D)``.
+        key_mask: optional bool ``(B, Lk)``, True = keep.
+        scale: score scale; default ``1/sqrt(D)``.
+
+    Returns:
+        ``(out, lse)``: out ``(B, Lq, H, D)`` in ``q.dtype``; lse ``(B, H, Lq)`` float32 with
+        ``lse = logsumexp_k(scale * q.k)`` over the kept keys.
+    """
+    out, lse = _attention_with_lse_fp32(q, k, v, key_mask, scale)
+    return out.to(q.dtype), lse
+
+
+def _attention_with_lse_fp32(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`attention_with_lse` with the output left in fp32 (ring attention accumulates in fp32)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale  # (B, H, Lq, Lk)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))  # (B, H, Lq, Lk)
+    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Lq); -inf for fully masked rows
+    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # (B, H, Lq)
+    probs = torch.exp(scores - lse_safe[..., None])  # (B, H, Lq, Lk); 0 at masked keys
+    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float())  # (B, Lq, H, D)
+    return out, lse
