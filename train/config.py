@@ -19,6 +19,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vdit.model.dit import MODULATIONS, DiTConfig
+from vdit.model.vae import AUTOENCODERS
 
 
 @dataclass
@@ -50,21 +51,33 @@ class DataConfig:
 
 @dataclass
 class TextEncoderConfig:
-    """Frozen text encoder: ``minilm`` (packaged, offline default), ``hf`` (local T5/UMT5 path), ``random`` (tests)."""
+    """Frozen text encoder: ``minilm`` (packaged, offline default), ``hf`` (local T5/UMT5 path), ``random`` (tests).
+
+    ``dtype``: ``fp32`` | ``bf16`` | ``fp16`` | None (the encoder's default, fp32).
+    """
 
     name: str = "minilm"
     path: Optional[str] = None
     max_length: int = 32
+    dtype: Optional[str] = None
     hidden_size: int = 384  # must equal the encoder's width (checked at build); model.text_dim follows it
 
 
 @dataclass
 class AutoencoderConfig:
-    """Video autoencoder: ``identity`` (pixel space, latent = scaling_factor * pixels)."""
+    """Video autoencoder: ``identity`` (pixel space) or a diffusers video VAE from a local ``path``.
+
+    ``name``: ``identity`` | ``wan`` (AutoencoderKLWan) | ``hunyuan`` (AutoencoderKLHunyuanVideo) |
+    ``cogvideox`` (AutoencoderKLCogVideoX). ``scaling_factor``: None uses the model's own
+    normalisation (identity: 1.0). ``tiling``/``slicing`` trade speed for memory when encoding.
+    """
 
     name: str = "identity"
     path: Optional[str] = None
-    scaling_factor: float = 1.0
+    scaling_factor: Optional[float] = None
+    dtype: Optional[str] = None
+    tiling: bool = False
+    slicing: bool = False
 
 
 @dataclass
@@ -171,7 +184,7 @@ class TrainConfig:
 _VALID = {
     ("model", "modulation"): MODULATIONS,
     ("text_encoder", "name"): ("minilm", "hf", "random"),
-    ("vae", "name"): ("identity",),
+    ("vae", "name"): AUTOENCODERS,
     ("flow", "timestep_sampling"): ("logit_normal", "uniform"),
     ("optim", "schedule"): ("cosine", "constant"),
     ("train", "precision"): ("auto", "fp32", "bf16"),

@@ -22,7 +22,7 @@ from omegaconf import OmegaConf
 from vdit.data.pipeline import ClipSpec, VideoPipeline
 from vdit.model import flow
 from vdit.model.dit import VideoDiT
-from vdit.model.text import RandomTextEncoder, build_text_encoder
+from vdit.model.text import build_text_encoder
 from vdit.model.vae import build_autoencoder
 from vdit.train.checkpoint import CheckpointManager, ModelOptimizerState, ObjectState
 from vdit.train.config import TrainConfig
@@ -69,15 +69,13 @@ def build_frozen(cfg: TrainConfig, device: torch.device):
         ValueError: the encoder width differs from ``model.text_dim`` or the latent channels differ
             from ``model.in_channels`` (the message says which setting to change).
     """
-    tc = cfg.text_encoder
-    if tc.name == "random":
-        text_encoder = RandomTextEncoder(hidden_size=tc.hidden_size, max_length=tc.max_length)
-    else:
-        text_encoder = build_text_encoder(tc.name, tc.path, tc.max_length)
+    tc, vc = cfg.text_encoder, cfg.vae
+    text_encoder = build_text_encoder(tc.name, tc.path, tc.max_length, dtype=tc.dtype, hidden_size=tc.hidden_size)
     if text_encoder.hidden_size != cfg.model.text_dim:
         raise ValueError(f"text encoder {tc.name!r} has width {text_encoder.hidden_size} but model.text_dim="
                          f"{cfg.model.text_dim}; set text_encoder.hidden_size={text_encoder.hidden_size}")
-    vae = build_autoencoder(cfg.vae.name, cfg.vae.path, scaling_factor=cfg.vae.scaling_factor)
+    vae = build_autoencoder(vc.name, vc.path, scaling_factor=vc.scaling_factor, dtype=vc.dtype, tiling=vc.tiling,
+                            slicing=vc.slicing)
     if vae.latent_channels != cfg.model.in_channels:
         raise ValueError(f"autoencoder {cfg.vae.name!r} has {vae.latent_channels} latent channels but "
                          f"model.in_channels={cfg.model.in_channels}")
