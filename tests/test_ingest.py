@@ -186,9 +186,10 @@ def test_exit_codes(tmp_path):
 
 
 def test_deterministic_output_and_unique_keys(tmp_path):
-    for sub in ("a", "b"):
-        make_video(tmp_path / "in" / sub / "clip.mp4", n=12, caption=f"from {sub}")
-    make_video(tmp_path / "in" / "odd.name.v2.mp4", n=12, caption="dots in the name")
+    # distinct content per file: identical files would be dropped as duplicates (--dedup is on by default)
+    for step, sub in ((8, "a"), (9, "b")):
+        make_video(tmp_path / "in" / sub / "clip.mp4", n=12, caption=f"from {sub}", step=step)
+    make_video(tmp_path / "in" / "odd.name.v2.mp4", n=12, caption="dots in the name", step=10)
     outs = [tmp_path / "o1", tmp_path / "o2"]
     for out in outs:
         assert run("--input", tmp_path / "in", "--output", out, "--clip-seconds", 1, "--samples-per-shard", 2) == 0
