@@ -77,6 +77,36 @@ def _single_process_quiet():
         yield
 
 
+class GlobalDataState(Stateful):
+    """The data position of the whole job as one rank-independent entry.
+
+    At save, every rank's ``pipeline.state_dict()`` is gathered and merged
+    (:func:`vdit.data.pipeline.merge_states`) and stored pickled under ``global``; at load, every
+    rank of the new job, whatever its layout, reads that one entry and takes its own share
+    (the pipeline re-deals what the epoch has left when the number of data slots changed).
+
+    Args:
+        pipeline: this rank's VideoPipeline (all ranks of the default process group take part).
+    """
+
+    def __init__(self, pipeline: Any):
+        self.pipeline = pipeline
+
+    def state_dict(self) -> dict[str, Any]:
+        from vdit.data.pipeline import merge_states
+
+        local = self.pipeline.state_dict()
+        if dist.is_initialized():
+            states: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(states, local)
+        else:
+            states = [local]
+        return {"global": pickle.dumps(merge_states(states))}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.pipeline.load_state_dict(pickle.loads(state["global"]))
+
+
 def _is_rank0() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

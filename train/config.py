@@ -18,6 +18,7 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from vdit.data.buckets import BucketConfig
 from vdit.model.dit import MODULATIONS, DiTConfig
 from vdit.model.vae import AUTOENCODERS
 
@@ -33,6 +34,13 @@ class DataConfig:
     ``target_fps`` (frames per second) when set, else every ``frame_stride``-th source frame.
     ``batch_size`` is per rank (micro-batch); the global batch is
     ``batch_size * grad_accum_steps * data_parallel_size``.
+
+    ``buckets`` (with a non-empty ``buckets.buckets`` list) switches to variable shapes: each clip goes to its nearest
+    ``(num_frames, height, width)`` bucket and a bucket's batch size comes from
+    ``buckets.token_budget`` (see :mod:`vdit.data.buckets`); ``num_frames/height/width`` and
+    ``batch_size`` are then unused. ``video_dtype=uint8`` ships frames as bytes and normalises on the
+    training device (4x less host traffic). A shard read is retried ``read_retries`` times with
+    exponential backoff from ``read_backoff_s``; one attempt is bounded by ``read_timeout_s`` seconds.
     """
 
     shards: str = MISSING
@@ -47,6 +55,11 @@ class DataConfig:
     random_crop: bool = False
     seed: int = 0
     caption_dropout: float = 0.1
+    buckets: BucketConfig = field(default_factory=BucketConfig)  # an empty bucket list: fixed shape
+    video_dtype: str = "float32"
+    read_retries: int = 2
+    read_backoff_s: float = 1.0
+    read_timeout_s: Optional[float] = 600.0
 
 
 @dataclass
@@ -189,6 +202,7 @@ _VALID = {
     ("optim", "schedule"): ("cosine", "constant"),
     ("train", "precision"): ("auto", "fp32", "bf16"),
     ("wandb", "mode"): ("offline", "online", "disabled"),
+    ("data", "video_dtype"): ("float32", "uint8"),
 }
 
 

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from vdit.data.pipeline import ClipSpec, VideoPipeline
+from vdit.data.pipeline import ClipSpec, ShardReadSpec, VideoPipeline
 from vdit.model import flow
 from vdit.model.dit import VideoDiT
 from vdit.model.text import build_text_encoder
 from vdit.model.vae import build_autoencoder
-from vdit.train.checkpoint import CheckpointManager, ModelOptimizerState, ObjectState
+from vdit.train.checkpoint import CheckpointManager, GlobalDataState, ModelOptimizerState, ObjectState
 from vdit.train.config import TrainConfig
 from vdit.train.ema import EMA
 from vdit.train.logging import RunLogger
@@ -153,23 +153,40 @@ class Trainer:
         self.ema = EMA(self.model, cfg.train.ema_decay)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
-        d = cfg.data
-        self.data = VideoPipeline(d.shards, ClipSpec(d.num_frames, d.height, d.width, d.target_fps, d.frame_stride,
-                                                     d.random_crop, d.shuffle, d.seed), d.batch_size,
-                                  num_workers=d.num_workers)
+        self.dp_rank, self.dp_size, self.dp_group = 0, 1, None  # set by the parallel layout
+        self.data = self.build_data()
         self.checkpoints = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_last_k)
         self.step = 0
-        latent = self.vae.latent_shape(d.num_frames, d.height, d.width)  # (C, T', H', W')
-        p = cfg.model.patch_size
-        self.tokens_per_sample = (latent[1] // p[0]) * (latent[2] // p[1]) * (latent[3] // p[2])
-        f = cfg.flow
-        self.flow_shift = (flow.resolution_shift(self.tokens_per_sample, f.shift_base_tokens, f.flow_shift)
-                           if f.shift_base_tokens else f.flow_shift)
+        d = cfg.data
+        self.tokens_per_sample = self.num_tokens(self.vae.latent_shape(d.num_frames, d.height, d.width))
+
+    def num_tokens(self, latent_shape: tuple[int, ...]) -> int:
+        """Tokens of one sample with latent ``(C, T', H', W')`` after patchify with ``model.patch_size``."""
+        p = self.cfg.model.patch_size
+        return (latent_shape[-3] // p[0]) * (latent_shape[-2] // p[1]) * (latent_shape[-1] // p[2])
+
+    def flow_shift(self, num_tokens: int) -> float:
+        """Timestep shift for a sample of ``num_tokens`` tokens: ``flow.flow_shift``, scaled by
+        ``sqrt(num_tokens / shift_base_tokens)`` when ``flow.shift_base_tokens`` is set (SD3)."""
+        f = self.cfg.flow
+        return flow.resolution_shift(num_tokens, f.shift_base_tokens, f.flow_shift) if f.shift_base_tokens \
+            else f.flow_shift
+
+    def build_data(self) -> VideoPipeline:
+        """The streaming pipeline for this rank's data-parallel slot (SP ranks of one group share it)."""
+        d = self.cfg.data
+        spec = ClipSpec(d.num_frames, d.height, d.width, d.target_fps, d.frame_stride, d.random_crop, d.shuffle, d.seed)
+        buckets = d.buckets if d.buckets.buckets else None
+        return VideoPipeline(
+            d.shards, spec, None if buckets else d.batch_size, num_workers=d.num_workers, dp_rank=self.dp_rank,
+            dp_size=self.dp_size, buckets=buckets,
+            tokens_fn=lambda t, h, w: self.num_tokens(self.vae.latent_shape(t, h, w)),
+            read=ShardReadSpec(d.read_retries, d.read_backoff_s, d.read_timeout_s), video_dtype=d.video_dtype)
 
     # ----------------------------------------------------------------------------------------- state
     def _stateful(self) -> dict[str, Any]:
         return {"app": ModelOptimizerState(self.model, self.optimizer), "scheduler": self.scheduler,
-                "ema": self.ema, "data": ObjectState(self.data), "trainer": ObjectState(_TrainerState(self))}
+                "ema": self.ema, "data": GlobalDataState(self.data), "trainer": ObjectState(_TrainerState(self))}
 
     def save(self) -> str:
         path = self.checkpoints.save(self.step, self._stateful())
@@ -203,7 +220,7 @@ class Trainer:
                            cfg.steps, self.step)
         batches = iter(self.data)
         pending: list[torch.Tensor] = []
-        t_last, wait = time.perf_counter(), 0.0
+        t_last, wait, tokens = time.perf_counter(), 0.0, 0
         eval_result = None
         try:
             while self.step < end:
@@ -215,11 +232,12 @@ class Trainer:
                     self.data.commit(b)
                 self.step += 1
                 pending.append(stats["loss"])
+                tokens += self.step_tokens
                 logger.advance()
                 if self.step % cfg.log_every == 0 or self.step == end:
                     elapsed = time.perf_counter() - t_last
-                    self._log(logger, pending, stats, elapsed, wait)
-                    pending, t_last, wait = [], time.perf_counter(), 0.0
+                    self._log(logger, pending, stats, elapsed, wait, tokens)
+                    pending, t_last, wait, tokens = [], time.perf_counter(), 0.0, 0
                 if self.step % cfg.checkpoint_every == 0 or self.step == end:
                     self.save()
                 if self.cfg.eval.enabled and self.cfg.eval.every and self.step % self.cfg.eval.every == 0 \
@@ -232,8 +250,11 @@ class Trainer:
         return {"step": self.step, "checkpoint": self.checkpoints.latest(), "eval": eval_result}
 
     def _log(self, logger: RunLogger, losses: list[torch.Tensor], stats: dict[str, torch.Tensor],
-             elapsed: float, wait: float) -> None:
-        values = torch.stack(losses).tolist()  # the one host sync of this interval
+             elapsed: float, wait: float, tokens: int) -> None:
+        stacked = torch.stack(losses)  # (n,) this rank's share of each step's loss
+        if self.dp_group is not None:
+            torch.distributed.all_reduce(stacked, group=self.dp_group)  # -> the global loss of each step
+        values = stacked.tolist()  # the one host sync of this interval
         first = self.step - len(values) + 1
         for i, v in enumerate(values[:-1]):
             logger.log(first + i, {"loss/train": v})
@@ -246,10 +267,11 @@ class Trainer:
             "optim/grad_norm": float(stats["grad_norm"]),
             "perf/steps_per_s": n / elapsed,
             "perf/samples_per_s": n * b / elapsed,
-            "perf/tokens_per_s": n * b * self.tokens_per_sample / elapsed,
+            "perf/tokens_per_s": tokens * self.dp_size / elapsed,
             "perf/data_wait_frac": wait / elapsed,
             "data/skipped": sum(self.data.skipped.values()),
             **{f"data/skipped/{k}": v for k, v in self.data.skipped.items()},
+            **{f"data/handled/{k}": v for k, v in self.data.handled.items()},
         })
 
     def sample_randomness(self, keys: list[str], latent_shape: tuple[int, ...]
@@ -272,7 +294,7 @@ class Trainer:
             ts.append(flow.sample_timesteps(1, generator=g, mode=f.timestep_sampling, logit_mean=f.logit_mean,
                                             logit_std=f.logit_std))
             noises.append(torch.randn(latent_shape, generator=g))
-        t = flow.shift_timesteps(torch.cat(ts), self.flow_shift)  # (B,)
+        t = flow.shift_timesteps(torch.cat(ts), self.flow_shift(self.num_tokens(latent_shape)))  # (B,)
         return t, torch.stack(noises), drops  # (B,), (B, C, T', H', W'), [B]
 
     def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -289,11 +311,14 @@ class Trainer:
         """
         self.model.train()
         total = torch.zeros((), device=self.device)
-        n = sum(len(b["key"]) for b in micro_batches)
-        for batch in micro_batches:
-            video = batch["video"].to(self.device, non_blocking=True)  # (B, 3, T, H, W) in [-1, 1]
+        tokens = [self.num_tokens(self.vae.latent_shape(*b["video"].shape[2:])) * len(b["key"]) for b in micro_batches]
+        global_tokens = self.all_reduce_sum(float(sum(tokens)))
+        for batch, batch_tokens in zip(micro_batches, tokens):
+            video = batch["video"].to(self.device, non_blocking=True)  # (B, 3, T, H, W)
+            if video.dtype == torch.uint8:  # video_dtype=uint8: normalise on the device
+                video = video.float() / 127.5 - 1.0
             with torch.no_grad():
-                x0 = self.vae.encode(video)  # (B, C, T', H', W')
+                x0 = self.vae.encode(video)  # (B, C, T', H', W') in the model's latent space
             t, noise, drop = self.sample_randomness(batch["key"], tuple(x0.shape[1:]))
             captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
             text, text_mask = self.encode_text(captions)  # (B, L, D), (B, L)
@@ -302,11 +327,23 @@ class Trainer:
             target = flow.velocity_target(x0, noise)
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 pred = self.model(xt, t, text, text_mask)  # (B, C, T', H', W')
-            per_sample, _ = flow.flow_loss(pred.float(), target)  # (B,)
-            loss = per_sample.sum() / n
+            per_sample, _ = flow.flow_loss(pred.float(), target)  # (B,) mean over each sample's elements
+            # Token-weighted mean over the whole step on every data-parallel rank: each rank adds
+            # (its tokens' squared error) / (global tokens); the data-parallel gradient average is
+            # undone by the factor dp_size, so unequal bucket shapes across ranks weigh correctly.
+            loss = per_sample.sum() * (batch_tokens / len(batch["key"])) / global_tokens * self.dp_size
             loss.backward()
-            total += loss.detach()
+            total += loss.detach() / self.dp_size
+        self.step_tokens = sum(tokens)
         return total
+
+    def all_reduce_sum(self, value: float) -> float:
+        """Sum a host number over the data-parallel ranks (identity when not distributed)."""
+        if self.dp_group is None:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(t, group=self.dp_group)
+        return float(t.item())
 
     def optimizer_step(self) -> torch.Tensor:
         """Clip, step the optimizer and scheduler, zero the gradients, update the EMA; returns the grad norm."""
