@@ -40,6 +40,7 @@ __all__ = [
     "expected_meta_from_config",
     "load_null_text",
     "is_latent_dir",
+    "is_latent_sample",
 ]
 
 LATENT_FORMAT = "vdit-latents"
@@ -270,3 +271,8 @@ def load_null_text(path: str) -> tuple[torch.Tensor, torch.Tensor]:
     with open(file, "rb") as f:
         record = _load(f.read())
     return read_text_record(record, "null_text")
+
+
+def is_latent_sample(raw: dict[str, Any]) -> bool:
+    """True if a webdataset sample is a latent-shard sample (it has a ``latent.pt`` part)."""
+    return "latent.pt" in raw

@@ -45,12 +45,26 @@ Commit, not prefetch: every batch carries the state of its slot *after* it; the 
 A sample that cannot be used (corrupt or too-short video, missing caption, no bucket, unreadable or
 truncated shard) is skipped and counted by reason in ``skipped``; fixes that kept a sample
 (salvaged damaged video, PyAV fallback, VFR timing, rotation) are counted in ``handled``.
+
+Latent shards (written by ``vdit-encode``, see docs/latents.md) go through the same slots, shard
+orders, queues, commit and state; only step 3 differs. The pipeline is in latent mode when a shard
+lives in a folder with ``encode_meta.json`` (:func:`vdit.data.latents.is_latent_dir`); then every
+sample is read with :func:`vdit.data.latents.read_latent_sample` against the encoded latent and
+text shapes, and a failure is counted under its ``LatentSampleError.reason`` (``no_latent``,
+``corrupt_latent``, ``latent_shape_mismatch``, ``corrupt_text``, ...). Without that file (e.g.
+``pipe:`` URLs) a sample holding ``latent.pt`` is still read as a latent sample, and batches then
+group samples of equal latent and text shape. Latent shards have one geometry, so buckets do not
+apply (a bucket config with latent shards is a ``ValueError``). A latent batch is
+``{"latent": float32 (B, C, T', H', W'), "text": float32 (B, L, D), "text_mask": bool (B, L),
+"caption": [B], "key": [B], "item": [B x (epoch, shard, pos)], "bucket": (C, T', H', W'),
+"num_tokens": int, "slot_state", "logical_worker"}`` (no ``"video"``).
 """
 
 from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
@@ -61,6 +75,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vdit.data.buckets import BucketConfig, Buckets
 from vdit.data.decode import DecodeError, VideoDecoder
+from vdit.data.latents import LatentSampleError, is_latent_dir, is_latent_sample, read_encode_meta, read_latent_sample
 from vdit.data.shards import ShardReadSpec, epoch_shard_order, expand_shards, read_shard, slot_shards
 from vdit.data.transforms import clip_to_uint8, to_model_range
 
@@ -68,7 +83,8 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 2
 
-__all__ = ["ClipSpec", "SlotState", "VideoPipeline", "merge_states", "redeal", "read_shard", "ShardReadSpec"]
+__all__ = ["ClipSpec", "LatentSpec", "SlotState", "VideoPipeline", "merge_states", "redeal", "read_shard",
+           "ShardReadSpec", "find_latent_meta"]
 
 
 @dataclass
@@ -102,6 +118,69 @@ class ClipSpec:
     seed: int = 0
 
 
+@dataclass(frozen=True)
+class LatentSpec:
+    """How samples of latent shards are checked and batched (built by :class:`VideoPipeline`).
+
+    Attributes:
+        batch_size: samples per latent batch (None: the pipeline is bucketed, latent samples are an error).
+        latent_shape: expected ``(C, T', H', W')`` (from ``encode_meta.json``); None accepts any
+            shape and batches samples of equal shape together.
+        text_shape: expected ``(L, D)`` (from ``encode_meta.json``), or None likewise.
+        pixel_shape: the clip geometry ``(T, H, W)`` the latents were encoded from (meta, else the
+            :class:`ClipSpec`'s).
+        patch_size: ``(pt, ph, pw)``: tokens per sample ``(T'//pt)(H'//ph)(W'//pw)``.
+        pixel_tokens: tokens per sample from the pipeline's ``tokens_fn(*pixel_shape)`` (computed
+            once: the geometry is fixed), used when ``patch_size`` is None.
+        only: every sample is a latent sample (the shards are in a ``vdit-encode`` folder).
+    """
+
+    batch_size: int | None
+    latent_shape: tuple[int, ...] | None = None
+    text_shape: tuple[int, int] | None = None
+    pixel_shape: tuple[int, int, int] | None = None
+    patch_size: tuple[int, int, int] | None = None
+    pixel_tokens: int | None = None
+    only: bool = False
+
+    def tokens(self, latent_shape: tuple[int, ...]) -> int:
+        """Transformer tokens of one latent: patch grid, else ``pixel_tokens``, else ``T' H' W'``."""
+        t, h, w = (int(v) for v in latent_shape[-3:])
+        if self.patch_size is not None:
+            pt, ph, pw = self.patch_size
+            return (t // pt) * (h // ph) * (w // pw)
+        if self.pixel_tokens is not None:
+            return self.pixel_tokens
+        return t * h * w
+
+
+def find_latent_meta(shards: str | list[str], urls: list[str]) -> tuple[str | None, dict[str, Any] | None]:
+    """The ``vdit-encode`` folder of a shard spec and its ``encode_meta.json``, or ``(None, None)``.
+
+    Looks at the spec itself (a folder) and at the folder of every local shard URL. Several latent
+    folders must agree on the latent and text shapes.
+
+    Raises:
+        ValueError: latent folders encoded with different shapes, or a malformed ``encode_meta.json``.
+    """
+    dirs = [shards] if isinstance(shards, str) and os.path.isdir(shards) else []
+    dirs += [os.path.dirname(u) or "." for u in urls if not u.startswith("pipe:") and "://" not in u]
+    found: dict[str, dict[str, Any]] = {}
+    for d in dict.fromkeys(os.path.abspath(d) for d in dirs):
+        if is_latent_dir(d):
+            found[d] = read_encode_meta(d)
+    if not found:
+        return None, None
+    first, meta = next(iter(found.items()))
+    fields = ("latent_shape", "max_length", "text_hidden_size")
+    for d, m in found.items():
+        if any(m.get(f) != meta.get(f) for f in fields):
+            raise ValueError(f"latent folders {first} and {d} were encoded with different shapes "
+                             f"({ {f: meta.get(f) for f in fields} } vs { {f: m.get(f) for f in fields} }); "
+                             "batches need one latent and text shape: train on one of them, or re-encode")
+    return first, meta
+
+
 def _sample_rng(seed: int, epoch: int, shard: int, pos: int) -> np.random.Generator:
     return np.random.default_rng([seed, epoch, shard, pos, 0x5EED])
 
@@ -122,13 +201,15 @@ class _Slot:
     """One data slot's iterator: reads items, decodes, buckets, emits batches with the state after each."""
 
     def __init__(self, urls: list[str], spec: ClipSpec, buckets: Buckets, slot: int, num_slots: int,
-                 state: SlotState, read: ShardReadSpec):
+                 state: SlotState, read: ShardReadSpec, latent: LatentSpec | None = None):
         self.urls, self.spec, self.buckets = urls, spec, buckets
         self.slot, self.num_slots, self.read = slot, num_slots, read
+        self.latent = latent or LatentSpec(batch_size=None)
         self.st = copy.deepcopy(state)
         self.skipped = Counter(self.st.skipped)
         self.handled = Counter(self.st.handled)
-        self.queues: list[list[tuple[list[int], dict[str, Any]]]] = [[] for _ in buckets.buckets]
+        # queue key: a bucket index (video) or ("latent", latent shape, text shape)
+        self.queues: dict[Any, list[tuple[list[int], dict[str, Any]]]] = {}
         self.arrival: list[list[int]] = []  # queued item ids in arrival order
         self._cache: tuple[int, int, list[dict[str, Any]]] | None = None  # (epoch, shard, samples)
 
@@ -149,8 +230,8 @@ class _Slot:
         order = _shard_order(self.spec, epoch, shard, len(samples))
         return samples[order[pos]] if pos < len(order) else None
 
-    def _prepare(self, item: list[int], raw: dict[str, Any] | None, count: bool) -> tuple[int, dict] | None:
-        """Decode one item into ``(bucket, {"video", "caption", "key"})``, or None (counted)."""
+    def _prepare(self, item: list[int], raw: dict[str, Any] | None, count: bool) -> tuple[Any, dict] | None:
+        """Decode one item into ``(queue key, {"video" | "latent", ..., "caption", "key"})``, or None (counted)."""
         skipped = self.skipped if count else Counter()
         handled = self.handled if count else Counter()
         epoch, shard, pos = item
@@ -158,6 +239,8 @@ class _Slot:
         if raw is None:
             skipped["missing_on_reread"] += 1
             return None
+        if self.latent.only or is_latent_sample(raw):
+            return self._prepare_latent(item, raw, skipped)
         key = raw.get("__key__", "?")
         video = raw.get("mp4")
         if video is None:
@@ -201,19 +284,50 @@ class _Slot:
                 handled[name] += 1
         return b, {"video": x, "caption": caption, "key": key, "item": list(item)}  # video: uint8 (C, T, H, W)
 
-    def _push(self, item: list[int], prepared: tuple[int, dict] | None) -> dict[str, Any] | None:
-        """Queue a prepared item; return a batch when its bucket is full."""
+    def _prepare_latent(self, item: list[int], raw: dict[str, Any], skipped: Counter) -> tuple[tuple, dict] | None:
+        """Read one latent-shard item into ``(("latent", latent shape, text shape), sample)``, or None (counted).
+
+        Deterministic (no random choice: the clip was fixed at encoding), so a re-read on resume
+        gives the same tensors.
+        """
+        if self.latent.batch_size is None:
+            raise ValueError(f"data: {self.urls[item[1]]}: sample {raw.get('__key__', '?')} is a latent sample "
+                             "(latent.pt) but this pipeline is bucketed; latent shards have one fixed geometry: "
+                             "build the pipeline with batch_size instead of buckets")
+        try:
+            s = read_latent_sample(raw, latent_shape=self.latent.latent_shape, text_shape=self.latent.text_shape)
+        except LatentSampleError as exn:
+            skipped[exn.reason] += 1
+            log.warning("data: %s: latent sample %s; skipped", self.urls[item[1]], exn)
+            return None
+        s["item"] = list(item)  # latent (C, T', H', W') / text (L, D) float32, text_mask (L,) bool
+        return ("latent", tuple(s["latent"].shape), tuple(s["text"].shape)), s
+
+    def _push(self, item: list[int], prepared: tuple[Any, dict] | None) -> dict[str, Any] | None:
+        """Queue a prepared item; return a batch when its bucket (or latent-shape group) is full."""
         if prepared is None:
             return None
         b, sample = prepared
-        q = self.queues[b]
+        q = self.queues.setdefault(b, [])
         q.append((item, sample))
         self.arrival.append(item)
-        if len(q) < self.buckets[b].batch_size:
+        latent = isinstance(b, tuple)
+        if len(q) < (self.latent.batch_size if latent else self.buckets[b].batch_size):
             return None
-        self.queues[b] = []
+        del self.queues[b]
         done = {tuple(i) for i, _ in q}
         self.arrival = [i for i in self.arrival if tuple(i) not in done]
+        if latent:
+            return {
+                "latent": torch.stack([s["latent"] for _, s in q]),  # (B, C, T', H', W') float32
+                "text": torch.stack([s["text"] for _, s in q]),  # (B, L, D) float32, zero at padding
+                "text_mask": torch.stack([s["text_mask"] for _, s in q]),  # (B, L) bool
+                "caption": [s["caption"] for _, s in q],
+                "key": [s["key"] for _, s in q],
+                "item": [s["item"] for _, s in q],
+                "bucket": b[1],  # (C, T', H', W')
+                "num_tokens": self.latent.tokens(b[1]) * len(q),
+            }
         bucket = self.buckets[b]
         return {
             # uint8 (B, C, T, H, W); float in the consumer
@@ -297,9 +411,10 @@ class _Slot:
 
 
 def iterate_batches(urls: list[str], spec: ClipSpec, buckets: Buckets, slot: int, num_slots: int,
-                    state: SlotState, read: ShardReadSpec | None = None) -> Iterator[dict[str, Any]]:
+                    state: SlotState, read: ShardReadSpec | None = None,
+                    latent: LatentSpec | None = None) -> Iterator[dict[str, Any]]:
     """Batches of one data slot, forever; each carries ``"slot_state"``, the slot's state after it."""
-    return iter(_Slot(urls, spec, buckets, slot, num_slots, state, read or ShardReadSpec()))
+    return iter(_Slot(urls, spec, buckets, slot, num_slots, state, read or ShardReadSpec(), latent))
 
 
 class _WorkerBatches(IterableDataset):
@@ -318,7 +433,7 @@ class _WorkerBatches(IterableDataset):
         logical = (w + self.p.phase) % self.p.workers
         slot = self.p.dp_rank * self.p.workers + logical
         for batch in iterate_batches(self.p.urls, self.p.spec, self.p.buckets, slot, self.p.num_slots,
-                                     SlotState(**self.p.start_states[logical]), self.p.read):
+                                     SlotState(**self.p.start_states[logical]), self.p.read, self.p.latent):
             batch["logical_worker"] = logical
             yield batch
 
@@ -418,25 +533,36 @@ class VideoPipeline:
         dp_rank, dp_size: this rank's data-parallel index and the data-parallel size. Ranks of
             one sequence-parallel group pass the same ``dp_rank`` and get identical batches.
         buckets: a :class:`BucketConfig` (or dict, or :class:`Buckets`): variable ``(T, H, W)``.
-        tokens_fn: ``(T, H, W) -> tokens`` for the bucket batch sizes (default: from the config).
+        tokens_fn: ``(T, H, W) -> tokens`` for the bucket batch sizes (default: from the config);
+            with latent shards (and no ``patch_size``) it gives ``num_tokens`` from the encoded
+            pixel geometry.
         read: retries, backoff and time limit of shard reads.
         video_dtype: ``"float32"`` (``video`` in [-1, 1]) or ``"uint8"`` ([0, 255], for normalising
             on the accelerator with :func:`vdit.data.transforms.to_model_range` or ``x / 127.5 - 1``).
+        patch_size: ``(pt, ph, pw)`` of the model, for ``num_tokens`` of latent batches
+            (``(T'//pt)(H'//ph)(W'//pw)`` per sample). Without it (and without ``tokens_fn``) a
+            latent sample counts ``T' H' W'`` tokens. Unused for video shards.
 
     Iterating yields ``{"video": float32 (B, C, T, H, W) in [-1, 1], "caption": list[str], "key":
     list[str], "bucket": (T, H, W), "num_tokens": int, ...}`` forever (epochs roll over). Call
     :meth:`commit` with each batch once the training step that used it has finished;
     :meth:`state_dict` returns the committed position.
 
+    Latent shards (a shard in a ``vdit-encode`` folder, or a sample with ``latent.pt``) yield
+    ``{"latent": float32 (B, C, T', H', W'), "text": float32 (B, L, D), "text_mask": bool (B, L),
+    "caption", "key", "bucket": (C, T', H', W'), "num_tokens", ...}`` instead; ``latent_dir`` and
+    ``latent_meta`` are the folder and its ``encode_meta.json`` (None for video shards).
+
     Raises:
-        FileNotFoundError: no shards match. ValueError: fewer shards than data slots, or neither a
-            batch size nor buckets.
+        FileNotFoundError: no shards match. ValueError: fewer shards than data slots, neither a
+            batch size nor buckets, buckets with latent shards, or latent folders that disagree.
     """
 
     def __init__(self, shards: str | list[str], spec: ClipSpec, batch_size: int | BucketConfig | None = None,
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, *, dp_rank: int | None = None,
                  dp_size: int | None = None, buckets: BucketConfig | Buckets | dict | None = None,
-                 tokens_fn=None, read: ShardReadSpec | None = None, video_dtype: str = "float32"):
+                 tokens_fn=None, read: ShardReadSpec | None = None, video_dtype: str = "float32",
+                 patch_size: tuple[int, int, int] | list[int] | None = None):
         if video_dtype not in ("float32", "uint8"):
             raise ValueError(f"video_dtype must be 'float32' or 'uint8'; got {video_dtype!r}")
         self.video_dtype = video_dtype
@@ -444,6 +570,32 @@ class VideoPipeline:
         self.spec = spec
         if isinstance(batch_size, (BucketConfig, Buckets, dict)):
             buckets, batch_size = batch_size, None
+        if patch_size is not None:
+            patch_size = tuple(int(v) for v in patch_size)
+            if len(patch_size) != 3 or min(patch_size) < 1:
+                raise ValueError(f"patch_size must be 3 positive ints (pt, ph, pw); got {patch_size}")
+        self.latent_dir, self.latent_meta = find_latent_meta(shards, self.urls)
+        meta = self.latent_meta
+        if meta is not None and buckets is not None:
+            raise ValueError(
+                f"{self.latent_dir} holds latent shards (encode_meta.json): every latent was encoded at one fixed "
+                f"geometry ({meta.get('num_frames')} x {meta.get('height')} x {meta.get('width')} -> latent "
+                f"{tuple(meta.get('latent_shape') or ())}), so (T, H, W) buckets cannot apply to them. Give "
+                "batch_size (data.batch_size) instead of buckets, or train on video shards to use buckets")
+        if meta is not None and batch_size is None:
+            raise ValueError(f"{self.latent_dir} holds latent shards: give batch_size")
+        pixel = (meta["num_frames"], meta["height"], meta["width"]) if meta is not None and \
+            all(meta.get(k) is not None for k in ("num_frames", "height", "width")) else \
+            (spec.num_frames, spec.height, spec.width)
+        text_shape = (int(meta["max_length"]), int(meta["text_hidden_size"])) if meta is not None and \
+            meta.get("max_length") is not None and meta.get("text_hidden_size") is not None else None
+        self.latent = LatentSpec(
+            batch_size=None if batch_size is None else int(batch_size),
+            latent_shape=tuple(int(v) for v in meta["latent_shape"]) if meta and meta.get("latent_shape") else None,
+            text_shape=text_shape, pixel_shape=tuple(int(v) for v in pixel), patch_size=patch_size,
+            pixel_tokens=int(tokens_fn(*pixel)) if tokens_fn is not None and patch_size is None
+            and (meta is not None or buckets is None) else None,
+            only=meta is not None)
         if buckets is not None:
             self.buckets = buckets if isinstance(buckets, Buckets) else Buckets(buckets, tokens_fn)
         elif batch_size is not None:
@@ -483,9 +635,14 @@ class VideoPipeline:
         trainer that normalises on the accelerator (4x less host-to-device traffic too).
         """
         for batch in batches:
-            if self.video_dtype == "float32":
+            if self.video_dtype == "float32" and "video" in batch:
                 batch["video"] = to_model_range(batch["video"])
             yield batch
+
+    @property
+    def is_latent(self) -> bool:
+        """True when the shards are latent shards of a ``vdit-encode`` folder (batches hold ``"latent"``)."""
+        return self.latent_meta is not None
 
     def commit(self, batch: dict[str, Any]) -> None:
         """Record that ``batch`` was consumed by a finished training step."""

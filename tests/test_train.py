@@ -147,3 +147,23 @@ def test_bucketed_training_resumes_exactly(shards, tmp_path):
     assert losses(tmp_path / "split") == losses(tmp_path / "full")
     rows = [r for r in read_metrics(tmp_path / "full") if "perf/tokens_per_s" in r]
     assert rows and all(r["perf/tokens_per_s"] > 0 for r in rows)
+
+
+def test_training_on_vdit_encode_latents_resumes_exactly(shards, tmp_path):
+    """Latent shards from vdit-encode: the encoders do not run, caption dropout uses the cached null text."""
+    from vdit.data.encode import main as encode_main
+
+    out = str(tmp_path / "latents")
+    assert encode_main(["--input", shards, "--output", out, "--num-frames", "4", "--frame-stride", "2",
+                        "--height", "32", "--width", "32", "--text-encoder", "random", "--max-length", "8",
+                        "--latent-dtype", "float32", "--text-store-dtype", "float32", "-q"]) == 0
+    extra = ("data.caption_dropout=0.5",)
+    full = Trainer(tiny_cfg(out, tmp_path / "full", *extra))
+    assert full.data.is_latent
+    full.fit()
+    cfg = tiny_cfg(out, tmp_path / "split", *extra)
+    Trainer(cfg).fit(stop_at=3)
+    Trainer(cfg).fit()
+    assert losses(tmp_path / "split") == losses(tmp_path / "full")
+    with pytest.raises(ValueError, match="in_channels|latent"):
+        Trainer(tiny_cfg(out, tmp_path / "bad", "model.in_channels=4"))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from vdit.data.latents import check_encode_meta, expected_meta_from_config, load_null_text
 from vdit.data.pipeline import ClipSpec, ShardReadSpec, VideoPipeline
 from vdit.model import flow
 from vdit.model.dit import VideoDiT
@@ -155,10 +156,12 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.dp_rank, self.dp_size, self.dp_group = 0, 1, None  # set by the parallel layout
         self.data = self.build_data()
+        if self.data.is_latent:  # vdit-encode shards: the encoders do not run during training
+            check_encode_meta(self.data.latent_meta, expected_meta_from_config(cfg))
+            null_text, null_mask = load_null_text(self.data.latent_dir)  # (L, D), (L,)
+            self.null_text, self.null_mask = null_text.to(self.device).float(), null_mask.to(self.device)
         self.checkpoints = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_last_k)
         self.step = 0
-        d = cfg.data
-        self.tokens_per_sample = self.num_tokens(self.vae.latent_shape(d.num_frames, d.height, d.width))
 
     def num_tokens(self, latent_shape: tuple[int, ...]) -> int:
         """Tokens of one sample with latent ``(C, T', H', W')`` after patchify with ``model.patch_size``."""
@@ -181,6 +184,7 @@ class Trainer:
             d.shards, spec, None if buckets else d.batch_size, num_workers=d.num_workers, dp_rank=self.dp_rank,
             dp_size=self.dp_size, buckets=buckets,
             tokens_fn=lambda t, h, w: self.num_tokens(self.vae.latent_shape(t, h, w)),
+            patch_size=tuple(self.cfg.model.patch_size),
             read=ShardReadSpec(d.read_retries, d.read_backoff_s, d.read_timeout_s), video_dtype=d.video_dtype)
 
     # ----------------------------------------------------------------------------------------- state
@@ -311,17 +315,10 @@ class Trainer:
         """
         self.model.train()
         total = torch.zeros((), device=self.device)
-        tokens = [self.num_tokens(self.vae.latent_shape(*b["video"].shape[2:])) * len(b["key"]) for b in micro_batches]
+        tokens = [self.batch_tokens(b) for b in micro_batches]
         global_tokens = self.all_reduce_sum(float(sum(tokens)))
         for batch, batch_tokens in zip(micro_batches, tokens):
-            video = batch["video"].to(self.device, non_blocking=True)  # (B, 3, T, H, W)
-            if video.dtype == torch.uint8:  # video_dtype=uint8: normalise on the device
-                video = video.float() / 127.5 - 1.0
-            with torch.no_grad():
-                x0 = self.vae.encode(video)  # (B, C, T', H', W') in the model's latent space
-            t, noise, drop = self.sample_randomness(batch["key"], tuple(x0.shape[1:]))
-            captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
-            text, text_mask = self.encode_text(captions)  # (B, L, D), (B, L)
+            x0, text, text_mask, t, noise = self.prepare_inputs(batch)
             t, noise = t.to(self.device), noise.to(self.device)
             xt = flow.interpolate(x0, noise, t)  # (B, C, T', H', W')
             target = flow.velocity_target(x0, noise)
@@ -336,6 +333,39 @@ class Trainer:
             total += loss.detach() / self.dp_size
         self.step_tokens = sum(tokens)
         return total
+
+    def batch_tokens(self, batch: dict[str, Any]) -> int:
+        """Patch tokens in a batch (all samples)."""
+        if "latent" in batch:
+            return self.num_tokens(tuple(batch["latent"].shape[1:])) * len(batch["key"])
+        return self.num_tokens(self.vae.latent_shape(*batch["video"].shape[2:])) * len(batch["key"])
+
+    def prepare_inputs(self, batch: dict[str, Any]):
+        """Latents ``x0 (B, C, T', H', W')``, text ``(B, L, D)`` + mask ``(B, L)``, and the sample draws.
+
+        Video batches are encoded here (frozen VAE and text encoder, captions dropped to the null
+        caption); latent batches from ``vdit-encode`` carry both, and a dropped caption takes the
+        cached null-caption features. Returns ``(x0, text, text_mask, t (B,), noise like x0)``.
+        """
+        if "latent" in batch:
+            x0 = batch["latent"].to(self.device, non_blocking=True)  # (B, C, T', H', W')
+            t, noise, drop = self.sample_randomness(batch["key"], tuple(x0.shape[1:]))
+            text = batch["text"].to(self.device, non_blocking=True).float()  # (B, L, D)
+            text_mask = batch["text_mask"].to(self.device, non_blocking=True)  # (B, L)
+            if any(drop):
+                d = torch.tensor(drop, device=self.device)
+                text = torch.where(d[:, None, None], self.null_text, text)
+                text_mask = torch.where(d[:, None], self.null_mask, text_mask)
+            return x0, text, text_mask, t, noise
+        video = batch["video"].to(self.device, non_blocking=True)  # (B, 3, T, H, W)
+        if video.dtype == torch.uint8:  # video_dtype=uint8: normalise on the device
+            video = video.float() / 127.5 - 1.0
+        with torch.no_grad():
+            x0 = self.vae.encode(video)  # (B, C, T', H', W') in the model's latent space
+        t, noise, drop = self.sample_randomness(batch["key"], tuple(x0.shape[1:]))
+        captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
+        text, text_mask = self.encode_text(captions)  # (B, L, D), (B, L)
+        return x0, text, text_mask, t, noise
 
     def all_reduce_sum(self, value: float) -> float:
         """Sum a host number over the data-parallel ranks (identity when not distributed)."""
