@@ -7,7 +7,7 @@ start-up with "Key 'lrr' is not in struct", before any work is done.
 
 Groups mirror the dataclasses: ``model/`` -> :class:`vdit.model.dit.DiTConfig`, ``data/`` ->
 :class:`DataConfig`, ``optim/`` -> :class:`OptimConfig`, ``train/`` -> :class:`LoopConfig`,
-``eval/`` -> :class:`EvalConfig`; ``experiment/`` files compose groups (``# @package _global_``).
+``eval/`` -> :class:`EvalConfig`, ``parallel/`` -> :class:`vdit.train.parallel.dims.ParallelConfig`; ``experiment/`` files compose groups (``# @package _global_``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from vdit.data.buckets import BucketConfig
 from vdit.model.dit import MODULATIONS, DiTConfig
 from vdit.model.vae import AUTOENCODERS
+from vdit.train.parallel.dims import ParallelConfig
 
 
 @dataclass
@@ -190,6 +191,7 @@ class TrainConfig:
     train: LoopConfig = field(default_factory=LoopConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
     run_name: str = "run"
     run_dir: str = "runs/${run_name}"
 
@@ -203,6 +205,10 @@ _VALID = {
     ("train", "precision"): ("auto", "fp32", "bf16"),
     ("wandb", "mode"): ("offline", "online", "disabled"),
     ("data", "video_dtype"): ("float32", "uint8"),
+    ("parallel", "backend"): ("fsdp", "deepspeed", "none"),
+    ("parallel", "sp_mode"): ("ulysses", "ring", "hybrid"),
+    ("parallel", "activation_checkpointing"): ("none", "full", "selective"),
+    ("parallel", "attention_backend"): ("auto", "flash", "sdpa", "math"),
 }
 
 
@@ -215,6 +221,7 @@ def register_configs() -> None:
     cs.store(group="optim", name="optim_schema", node=OptimConfig)
     cs.store(group="train", name="loop_schema", node=LoopConfig)
     cs.store(group="eval", name="eval_schema", node=EvalConfig)
+    cs.store(group="parallel", name="parallel_schema", node=ParallelConfig)
 
 
 def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 
 class EMA:
@@ -34,10 +35,16 @@ class EMA:
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        """Write the shadow weights into ``model``'s parameters (e.g. an eval copy)."""
+        """Write the shadow weights into ``model``'s parameters (e.g. an eval copy).
+
+        A sharded shadow (DTensor) copied into a plain model is gathered first: a collective, so
+        every rank must call this together."""
         for n, p in model.named_parameters():
             if n in self.shadow:
-                p.copy_(self.shadow[n].to(p.dtype))
+                src = self.shadow[n]
+                if isinstance(src, DTensor) and not isinstance(p, DTensor):
+                    src = src.full_tensor()  # sharded EMA into a plain (eval) model: collective, every rank
+                p.copy_(src.to(p.dtype))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow

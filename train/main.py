@@ -28,8 +28,14 @@ def run(cfg: DictConfig) -> dict:
     """Validate ``cfg``, train, and print where the outputs are; returns the fit summary."""
     from vdit.train.trainer import Trainer
 
+    import torch.distributed as dist
+
     obj = validate(cfg)
-    result = Trainer(obj).fit()
+    try:
+        result = Trainer(obj).fit()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
     ev = result.get("eval") or {}
     summary = {"step": result["step"], "checkpoint": result["checkpoint"],
                "eval": {k: v.get("mean") for k, v in ev.get("metrics", {}).items()}}

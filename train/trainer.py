@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import copy
+import dataclasses
 import random
 import time
 import zlib
@@ -18,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from torch.distributed.tensor import DTensor
 
 from vdit.data.latents import check_encode_meta, expected_meta_from_config, load_null_text
 from vdit.data.pipeline import ClipSpec, ShardReadSpec, VideoPipeline
@@ -30,6 +33,11 @@ from vdit.train.config import TrainConfig
 from vdit.train.ema import EMA
 from vdit.train.logging import RunLogger
 from vdit.train.optim import build_optimizer, build_scheduler
+from vdit.train.parallel.attention import apply_attention_backend
+from vdit.train.parallel.deepspeed import DeepSpeedState, build_deepspeed, deepspeed_config
+from vdit.train.parallel.dims import ParallelDims, init_distributed
+from vdit.train.parallel.fsdp import apply_activation_checkpointing, materialize_and_init, parallelize, sync_sp_gradients
+from vdit.train.parallel.sequence import apply_sequence_parallel, build_sp_groups
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +64,9 @@ def build_model(cfg: TrainConfig, device: torch.device) -> VideoDiT:
     """
     with torch.device("meta"):
         model = VideoDiT(cfg.model)
-    model.to_empty(device=device)
+    model.to_empty(device="cpu")  # init on CPU: the same weights whatever the device or sharding
     model.init_weights(seed=cfg.train.seed)
-    return model
+    return model.to(device)
 
 
 def build_frozen(cfg: TrainConfig, device: torch.device):
@@ -141,20 +149,29 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.run_dir = cfg.run_dir
-        os.makedirs(self.run_dir, exist_ok=True)
-        OmegaConf.save(OmegaConf.structured(cfg), os.path.join(self.run_dir, "config.yaml"))
-        self.device = resolve_device(cfg.train.device)
+        self.dist = init_distributed()
+        self.is_main = self.dist.rank == 0
+        self.device = self.dist.device if self.dist.is_distributed else resolve_device(cfg.train.device)
+        self.dims = ParallelDims(cfg.parallel, self.dist.world_size, num_heads=cfg.model.num_heads)
+        if self.dims.dp_size > 1 and cfg.parallel.backend == "none":
+            raise ValueError(f"{self.dims.dp_size} data-parallel ranks need parallel.backend=fsdp or deepspeed "
+                             "(backend=none has no gradient averaging)")
+        if self.dist.is_distributed:
+            self.dims.build_mesh(self.device.type)
+        if self.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            OmegaConf.save(OmegaConf.structured(cfg), os.path.join(self.run_dir, "config.yaml"))
         self.dtype = resolve_precision(cfg.train.precision, self.device)
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
 
         self.text_encoder, self.vae = build_frozen(cfg, self.device)
         self.encode_text = TextCache(self.text_encoder, cfg.text_encoder.max_length, self.device)
-        self.model = build_model(cfg, self.device)
+        self.engine = None  # DeepSpeed engine when parallel.backend=deepspeed
+        self.model, self.optimizer, self.scheduler = self.build_parallel_model()
         self.ema = EMA(self.model, cfg.train.ema_decay)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
-        self.dp_rank, self.dp_size, self.dp_group = 0, 1, None  # set by the parallel layout
+        self.dp_rank, self.dp_size = self.dims.dp_rank, self.dims.dp_size
+        self.dp_group = self.dims.dp_group if self.dist.is_distributed and self.dp_size > 1 else None
         self.data = self.build_data()
         if self.data.is_latent:  # vdit-encode shards: the encoders do not run during training
             check_encode_meta(self.data.latent_meta, expected_meta_from_config(cfg))
@@ -162,6 +179,50 @@ class Trainer:
             self.null_text, self.null_mask = null_text.to(self.device).float(), null_mask.to(self.device)
         self.checkpoints = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_last_k)
         self.step = 0
+
+    def build_parallel_model(self):
+        """Model, optimizer and scheduler for this rank, in the fixed order of ``vdit.train.parallel``.
+
+        FSDP / no wrapper: build on the meta device -> attention backend -> sequence parallel ->
+        activation checkpointing -> compile -> FSDP -> materialize with ``init_weights(seed)``'s
+        exact weights. DeepSpeed: a materialized plain model (+ SP) handed to ``deepspeed.initialize``.
+        """
+        cfg, pcfg, dims = self.cfg, self.cfg.parallel, self.dims
+        sp = None
+        if dims.sp_size > 1:
+            groups = build_sp_groups(self.dist.world_size, dims.sp_size, pcfg.sp_mode, dims.ulysses_size,
+                                     dims.ring_size) if pcfg.sp_mode == "hybrid" else None
+
+            def sp(model):  # noqa: E306 - bound here, applied inside parallelize()
+                apply_sequence_parallel(model, dims.sp_group, pcfg.sp_mode,
+                                        ulysses_group=groups.ulysses if groups else None,
+                                        ring_group=groups.ring if groups else None)
+        if pcfg.backend == "deepspeed":
+            model = build_model(cfg, torch.device("cpu")).to(self.device)
+            apply_attention_backend(model, pcfg.attention_backend, self.device)
+            if sp is not None:
+                sp(model)
+            apply_activation_checkpointing(model, pcfg.activation_checkpointing, pcfg.ac_every)
+            optimizer = build_optimizer(model, cfg.optim)
+            scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+            if pcfg.zero_stage == 3:
+                raise ValueError("parallel.backend=deepspeed with zero_stage=3 is not wired into the Trainer yet (the "
+                                 "EMA would have to follow ZeRO-3 partitions); use parallel.backend=fsdp, which "
+                                 "shards parameters, gradients, optimizer state and EMA the same way")
+            ds_cfg = deepspeed_config(cfg.train, pcfg, cfg.optim, cfg.data.batch_size, cfg.train.grad_accum_steps,
+                                      dims.dp_size)
+            self.engine = build_deepspeed(model, optimizer, scheduler, ds_cfg)
+            return model, optimizer, scheduler
+        with torch.device("meta"):
+            model = VideoDiT(cfg.model)
+        # One process has nothing to shard over: FSDP only when there is a process group.
+        eff = pcfg if self.dist.is_distributed else dataclasses.replace(pcfg, backend="none")
+        reference = copy.deepcopy(model) if eff.backend == "fsdp" else None
+        apply_attention_backend(model, pcfg.attention_backend, self.device)
+        parallelize(model, dims, eff, apply_sp=sp)
+        materialize_and_init(model, self.device, cfg.train.seed, reference=reference)
+        optimizer = build_optimizer(model, cfg.optim)
+        return model, optimizer, build_scheduler(optimizer, cfg.optim, cfg.train.steps)
 
     def num_tokens(self, latent_shape: tuple[int, ...]) -> int:
         """Tokens of one sample with latent ``(C, T', H', W')`` after patchify with ``model.patch_size``."""
@@ -189,7 +250,8 @@ class Trainer:
 
     # ----------------------------------------------------------------------------------------- state
     def _stateful(self) -> dict[str, Any]:
-        return {"app": ModelOptimizerState(self.model, self.optimizer), "scheduler": self.scheduler,
+        app = DeepSpeedState(self.engine) if self.engine is not None else ModelOptimizerState(self.model, self.optimizer)
+        return {"app": app, "scheduler": self.scheduler,
                 "ema": self.ema, "data": GlobalDataState(self.data), "trainer": ObjectState(_TrainerState(self))}
 
     def save(self) -> str:
@@ -221,7 +283,7 @@ class Trainer:
         cfg = self.cfg.train
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         logger = RunLogger(self.run_dir, self.cfg.wandb, OmegaConf.to_container(OmegaConf.structured(self.cfg)),
-                           cfg.steps, self.step)
+                           cfg.steps, self.step, is_main=self.is_main)
         batches = iter(self.data)
         pending: list[torch.Tensor] = []
         t_last, wait, tokens = time.perf_counter(), 0.0, 0
@@ -329,7 +391,13 @@ class Trainer:
             # (its tokens' squared error) / (global tokens); the data-parallel gradient average is
             # undone by the factor dp_size, so unequal bucket shapes across ranks weigh correctly.
             loss = per_sample.sum() * (batch_tokens / len(batch["key"])) / global_tokens * self.dp_size
-            loss.backward()
+            if self.engine is not None:
+                # DeepSpeed averages gradients over every rank, SP ranks included (their gradients
+                # are partial sums): scale by sp_size; our loss is already the step mean (no 1/gas).
+                self.engine.backward(loss * self.dims.sp_size, scale_wrt_gas=False)
+                self.engine.step()  # an optimizer step only at the accumulation boundary
+            else:
+                loss.backward()
             total += loss.detach() / self.dp_size
         self.step_tokens = sum(tokens)
         return total
@@ -376,8 +444,21 @@ class Trainer:
         return float(t.item())
 
     def optimizer_step(self) -> torch.Tensor:
-        """Clip, step the optimizer and scheduler, zero the gradients, update the EMA; returns the grad norm."""
+        """Clip, step the optimizer and scheduler, zero the gradients, update the EMA; returns the grad norm.
+
+        Gradient reduction: FSDP reduces over data-parallel and SP ranks (summing SP partial
+        gradients, dividing by dp_size); without FSDP, SP partial gradients are summed here.
+        Under DeepSpeed the engine already stepped in :meth:`forward_backward`.
+        """
+        if self.engine is not None:
+            self.ema.update(self.model)
+            norm = self.engine.get_global_grad_norm()
+            return torch.tensor(float(norm) if norm is not None else 0.0)
+        if self.dims.sp_size > 1 and not (self.dist.is_distributed and self.cfg.parallel.backend == "fsdp"):
+            sync_sp_gradients(self.model, self.dims.sp_group)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -389,10 +470,19 @@ class Trainer:
         """Sample the eval prompts with the EMA weights, write mp4s + contact sheet, score them."""
         from vdit.eval.hook import evaluate_model
 
-        model = self.model
+        # A plain single-device copy (no FSDP shards, no SP hooks): every rank takes part in gathering
+        # the sharded weights, then rank 0 samples and scores while the others wait.
+        model = build_model(self.cfg, self.device)
         if self.cfg.eval.use_ema:
-            model = build_model(self.cfg, self.device)
             self.ema.copy_to(model)
-        result = evaluate_model(self.cfg, model, self.text_encoder, self.vae, self.step, self.run_dir, self.device,
-                                encode_text=self.encode_text)
+        else:
+            with torch.no_grad():
+                for p, q in zip(model.parameters(), self.model.parameters()):
+                    p.copy_(q.full_tensor() if isinstance(q, DTensor) else q)
+        result = None
+        if self.is_main:
+            result = evaluate_model(self.cfg, model, self.text_encoder, self.vae, self.step, self.run_dir,
+                                    self.device, encode_text=self.encode_text)
+        if self.dist.is_distributed:
+            torch.distributed.barrier()
         return result

@@ -10,16 +10,19 @@ Build and step (the Trainer's ``backend=deepspeed`` path)::
     engine = build_deepspeed(model, optimizer, scheduler, ds_cfg)
 
     for batch in micro_batches:                            # one optimizer step
-        loss = flow_loss(engine(xt, t, text, mask), target)
-        engine.backward(loss)      # DeepSpeed divides by gradient_accumulation_steps itself
+        loss = ...                                         # this micro-batch's share of the step's loss
+        engine.backward(loss, scale_wrt_gas=False)         # loss already normalised over the step
         engine.step()              # optimizer + scheduler + zero_grad only at the last micro-batch
+    grad_norm = engine.get_global_grad_norm()              # pre-clip
 
 Gradient accumulation is counted by DeepSpeed (``gradient_accumulation_steps = grad_accum``): it
-scales each micro-batch loss by ``1 / grad_accum`` in ``backward`` (so pass the *undivided* loss,
-unlike the plain loop, which divides by the number of micro-batches itself), reduces gradients at
-the boundary and steps the optimizer, the LR scheduler (do not step it yourself) and clipping
-(``gradient_clipping``) in the last ``engine.step()``. ``engine.get_global_grad_norm()`` is the
-pre-clip norm.
+reduces gradients at the boundary and runs clipping (``gradient_clipping``), the optimizer and the
+LR scheduler (do not step it yourself) in the last ``engine.step()`` of the step. Its
+``backward(loss)`` divides the loss by ``grad_accum`` by default; a loop whose loss is already
+normalised over the whole step (each micro-batch loss / number of micro-batches, or the Trainer's
+token-weighted form) passes ``scale_wrt_gas=False``. Both forms are tested. DeepSpeed AVERAGES
+gradients over its data-parallel group, like FSDP, so a loss that undoes that average (the
+Trainer's ``* dp_size``) stays correct.
 
 Sequence parallelism: DeepSpeed's data-parallel group is the whole world (all ``dp x sp`` ranks, so
 ZeRO also partitions across SP ranks) and it AVERAGES gradients over it. The rule of the FSDP path

@@ -296,6 +296,9 @@ class ParallelDims:
         if cfg.backend == "deepspeed" and self.dp_replicate > 1:
             raise ValueError(f"parallel.dp_replicate={self.dp_replicate} applies to backend=fsdp (HSDP); DeepSpeed "
                              "ZeRO partitions over all data-parallel ranks: use dp_replicate=1 and dp_shard=-1")
+        if cfg.backend == "deepspeed" and cfg.zero_stage == 0:
+            raise ValueError("parallel.zero_stage=0 is plain data parallel: use backend=fsdp with dp_replicate="
+                             f"{world_size // self.sp_size} dp_shard=1 (DDP-equivalent), or zero_stage 1-3")
         if cfg.backend == "none" and self.dp_size > 1:
             raise ValueError(f"parallel.backend=none runs a single data stream but dp_replicate * dp_shard = "
                              f"{self.dp_size}; use backend=fsdp or deepspeed, or sp_size={world_size}")

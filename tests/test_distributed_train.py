@@ -1,0 +1,76 @@
+"""The Trainer under torchrun on CPU (gloo): FSDP and sequence parallel runs resume from each other's checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from tests.conftest import write_shards
+from vdit.train.logging import read_metrics
+
+pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
+
+TINY = ["text_encoder.name=random", "text_encoder.hidden_size=32", "text_encoder.max_length=8", "data.num_frames=4",
+        "data.height=32", "data.width=32", "data.target_fps=null", "data.frame_stride=2", "data.batch_size=2",
+        "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=[1,8,8]",
+        "train.checkpoint_every=2", "train.log_every=2", "optim.warmup_steps=2", "wandb.mode=disabled",
+        "eval.enabled=false"]
+
+
+def torchrun(nproc: int, *args: str, module: bool = True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
+           *(["-m"] if module else []), *args]
+    if nproc == 1:
+        cmd = [sys.executable, *(["-m"] if module else []), *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def test_fsdp_and_sp_runs_resume_from_each_other(tmp_path):
+    shards = str(tmp_path / "shards")
+    write_shards(shards, 4, 4)
+    run = str(tmp_path / "run")
+    common = ["vdit.train.main", f"data.shards={shards}", f"run_dir={run}", *TINY]
+    torchrun(2, *common, "train.steps=4", "parallel.dp_shard=2")                  # FSDP over 2 ranks
+    torchrun(2, *common, "train.steps=6", "parallel.dp_shard=1", "parallel.sp_size=2")  # Ulysses SP 2 resumes
+    torchrun(2, *common, "train.steps=8", "parallel.dp_shard=2")                  # back to FSDP
+    torchrun(1, *common, "train.steps=10")                                         # one process resumes
+    steps = [r["step"] for r in read_metrics(run) if "loss/train" in r]
+    assert steps == list(range(1, 11))
+    assert sorted(os.listdir(os.path.join(run, "checkpoints")))[-1] == "step-00000010"
+
+    # States are identical after loading the same checkpoint on 2 FSDP ranks and on 1 process.
+    script = tmp_path / "dump.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, torch, torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+        from vdit.train.config import load_config, validate
+        from vdit.train.trainer import Trainer
+        cfg = validate(load_config({[f"data.shards={shards}", f"run_dir={run}", *TINY, "train.steps=10"]!r}
+                                   + sys.argv[2:]))
+        t = Trainer(cfg)
+        t.maybe_resume()
+        full = lambda x: x.full_tensor() if isinstance(x, DTensor) else x
+        state = {{"model": {{n: full(p).detach().clone() for n, p in t.model.named_parameters()}},
+                 "ema": {{n: full(v).clone() for n, v in t.ema.shadow.items()}},
+                 "exp_avg": {{n: full(t.optimizer.state[p]["exp_avg"]).clone() for n, p in t.model.named_parameters()}},
+                 "step": t.step, "data": t.data.state_dict()}}
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            torch.save(state, sys.argv[1])
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    """))
+    torchrun(2, str(script), str(tmp_path / "two.pt"), "parallel.dp_shard=2", module=False)
+    torchrun(1, str(script), str(tmp_path / "one.pt"), module=False)
+    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    assert two["step"] == one["step"] == 10
+    for part in ("model", "ema", "exp_avg"):
+        for n in one[part]:
+            assert torch.equal(two[part][n], one[part][n]), (part, n)
