@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -22,8 +23,15 @@ TINY = ["text_encoder.name=random", "text_encoder.hidden_size=32", "text_encoder
         "eval.enabled=false"]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def torchrun(nproc: int, *args: str, module: bool = True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(free_port()),
            *(["-m"] if module else []), *args]
     if nproc == 1:
         cmd = [sys.executable, *(["-m"] if module else []), *args]
@@ -38,8 +46,9 @@ def test_fsdp_and_sp_runs_resume_from_each_other(tmp_path):
     write_shards(shards, 4, 4)
     run = str(tmp_path / "run")
     common = ["vdit.train.main", f"data.shards={shards}", f"run_dir={run}", *TINY]
-    torchrun(2, *common, "train.steps=4", "parallel.dp_shard=2")                  # FSDP over 2 ranks
-    torchrun(2, *common, "train.steps=6", "parallel.dp_shard=1", "parallel.sp_size=2")  # Ulysses SP 2 resumes
+    torchrun(4, *common, "train.steps=4", "parallel.dp_shard=2", "parallel.sp_size=2")  # FSDP 2 x SP 2
+    torchrun(2, *common, "train.steps=6", "parallel.dp_shard=1", "parallel.sp_size=2",
+             "parallel.sp_mode=ring")                                              # ring SP 2 resumes
     torchrun(2, *common, "train.steps=8", "parallel.dp_shard=2")                  # back to FSDP
     torchrun(1, *common, "train.steps=10")                                         # one process resumes
     steps = [r["step"] for r in read_metrics(run) if "loss/train" in r]

@@ -49,16 +49,20 @@ class ModelOptimizerState(Stateful):
 
 
 class ObjectState(Stateful):
-    """Wrap an object whose state is plain Python data (and small tensors), stored per rank.
+    """Wrap an object whose state is plain Python data (and small tensors).
 
-    DCP loads into the structure it is given, so free-form state (a data position, RNG states) is
-    pickled into one ``bytes`` leaf under ``rank{r}``: each rank saves and restores its own.
+    DCP loads into the structure it is given, so free-form state is pickled into one ``bytes`` leaf:
+    under ``rank{r}`` (each rank saves and restores its own; the layout must not change) or, with
+    ``per_rank=False``, under ``global`` (rank 0's copy, restored on every rank of any layout).
     """
 
-    def __init__(self, obj: Any):
-        self.obj = obj
+    def __init__(self, obj: Any, per_rank: bool = True):
+        self.obj, self.per_rank = obj, per_rank
 
     def _key(self) -> str:
+        # per_rank=False: one entry for the whole job (rank 0's), loadable by any number of ranks.
+        if not self.per_rank:
+            return "global"
         return f"rank{dist.get_rank() if dist.is_initialized() else 0}"
 
     def state_dict(self) -> dict[str, Any]:

@@ -252,7 +252,7 @@ class Trainer:
     def _stateful(self) -> dict[str, Any]:
         app = DeepSpeedState(self.engine) if self.engine is not None else ModelOptimizerState(self.model, self.optimizer)
         return {"app": app, "scheduler": self.scheduler,
-                "ema": self.ema, "data": GlobalDataState(self.data), "trainer": ObjectState(_TrainerState(self))}
+                "ema": self.ema, "data": GlobalDataState(self.data), "trainer": ObjectState(_TrainerState(self), per_rank=False)}
 
     def save(self) -> str:
         path = self.checkpoints.save(self.step, self._stateful())

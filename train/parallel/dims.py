@@ -223,7 +223,10 @@ def init_distributed(timeout_s: float = 1800.0, environ: Mapping[str, str] | Non
     backend = "nccl" if cuda else "gloo"
     log.info("init_process_group(%s) rank %d/%d local %d via %s, master %s:%d", backend, e.rank, e.world_size,
              e.local_rank, e.source, e.master_addr, e.master_port)
-    dist.init_process_group(backend, init_method=f"tcp://{e.master_addr}:{e.master_port}", rank=e.rank,
+    # Under torchrun use env:// so the rendezvous store torchrun already created is reused (with
+    # --master_port 0 or c10d rendezvous, MASTER_PORT is not a port anyone listens on for us).
+    init_method = "env://" if e.source == "torchrun" and environ is None else f"tcp://{e.master_addr}:{e.master_port}"
+    dist.init_process_group(backend, init_method=init_method, rank=e.rank,
                             world_size=e.world_size, timeout=timedelta(seconds=timeout_s),
                             device_id=device if cuda else None)
     return DistInfo(e.rank, e.world_size, e.local_rank, device)
