@@ -83,3 +83,25 @@ def test_fsdp_and_sp_runs_resume_from_each_other(tmp_path):
     for part in ("model", "ema", "exp_avg"):
         for n in one[part]:
             assert torch.equal(two[part][n], one[part][n]), (part, n)
+
+
+def test_deepspeed_zero2_run_resumes_under_fsdp(tmp_path):
+    """The same training loop under DeepSpeed ZeRO-2; its checkpoint resumes under FSDP (same DCP layout)."""
+    deepspeed = pytest.importorskip("deepspeed")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:  # build the CPU comm op once here, not inside the ranks
+        builder.load(verbose=False)
+    assert deepspeed.__version__
+    shards = str(tmp_path / "shards")
+    write_shards(shards, 4, 4)
+    run = str(tmp_path / "run")
+    common = ["vdit.train.main", f"data.shards={shards}", f"run_dir={run}", *TINY]
+    torchrun(2, *common, "train.steps=4", "parallel.backend=deepspeed", "parallel.zero_stage=2",
+             "train.grad_accum_steps=2")
+    torchrun(2, *common, "train.steps=6", "parallel.backend=fsdp", "train.grad_accum_steps=2")
+    rows = [r for r in read_metrics(run) if "loss/train" in r]
+    assert [r["step"] for r in rows] == list(range(1, 7))
+    assert all(r["loss/train"] == r["loss/train"] and r["loss/train"] > 0 for r in rows)  # finite, positive
