@@ -33,13 +33,14 @@ def run(cfg: DictConfig) -> dict:
     obj = validate(cfg)
     try:
         result = Trainer(obj).fit()
+        ev = result.get("eval") or {}
+        summary = {"step": result["step"], "checkpoint": result["checkpoint"],
+                   "eval": {k: v.get("mean") for k, v in ev.get("metrics", {}).items()}}
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            log.info("done: %s (run directory %s)", json.dumps(summary, default=str), obj.run_dir)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    ev = result.get("eval") or {}
-    summary = {"step": result["step"], "checkpoint": result["checkpoint"],
-               "eval": {k: v.get("mean") for k, v in ev.get("metrics", {}).items()}}
-    log.info("done: %s (run directory %s)", json.dumps(summary, default=str), obj.run_dir)
     return result
 
 

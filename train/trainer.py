@@ -256,7 +256,8 @@ class Trainer:
 
     def save(self) -> str:
         path = self.checkpoints.save(self.step, self._stateful())
-        log.info("checkpoint: saved %s", path)
+        if self.is_main:
+            log.info("checkpoint: saved %s", path)
         return path
 
     def maybe_resume(self) -> None:
@@ -270,7 +271,8 @@ class Trainer:
         if path is None:
             return
         self.step = self.checkpoints.load(path, self._stateful())
-        log.info("resumed from %s at step %d", path, self.step)
+        if self.is_main:
+            log.info("resumed from %s at step %d", path, self.step)
 
     # ------------------------------------------------------------------------------------------ loop
     def fit(self, stop_at: int | None = None) -> dict[str, Any]:
