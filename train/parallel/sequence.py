@@ -624,22 +624,9 @@ def reduce_sp_gradients(model: nn.Module, sp_group: ProcessGroup) -> None:
     Call after ``backward`` and before the data-parallel average. A parameter with no gradient on
     this rank takes part with zeros, so every rank issues the same collectives.
     """
-    if dist.get_world_size(sp_group) == 1:
-        return
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-    buckets: dict[tuple, list[torch.Tensor]] = defaultdict(list)
-    for p in params:
-        buckets[(p.grad.dtype, p.grad.device)].append(p.grad)
-    for grads in buckets.values():
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=sp_group)
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+    from vdit.train.parallel.fsdp import sync_sp_gradients  # one implementation (handles DTensor grads too)
+
+    sync_sp_gradients(model, sp_group)
 
 
 def sp_loss_scale(sp_size: int, grad_reduction: str = "sp_sum") -> float:
