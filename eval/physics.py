@@ -326,7 +326,7 @@ def gravity_check(video: np.ndarray, params: SceneParams, fps: float | None = No
     sy, _, floor_line, radii = _params_geometry(video, params)
     scale = _scale(params, video)
     g_true = float(params.gravity)
-    segs, fits = [], []
+    fits = []
     for k in range(len(params.balls)):
         for seg in _ball_segments(centroids, k, floor_line - radii[k], scale, min_len):
             t = seg / fps

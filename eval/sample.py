@@ -21,7 +21,6 @@ import sys
 from typing import Callable
 
 import torch
-from omegaconf import OmegaConf
 
 from vdit.model import flow
 from vdit.model.vae import Autoencoder

