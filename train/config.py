@@ -179,6 +179,31 @@ class WandbConfig:
 
 
 @dataclass
+class ReliabilityConfig:
+    """Numerics guard, rollback, hang watchdog and collective timeouts (see README "Reliability").
+
+    ``skip_nonfinite``: a step whose loss or gradient norm is NaN/Inf (on any rank) skips the
+    optimizer, scheduler and EMA update on every rank (counted as ``train/skipped_steps``).
+    ``max_bad_steps`` consecutive skipped steps, or a loss above ``spike_factor`` x its running mean
+    (exponential, ``spike_beta``; checked after ``spike_warmup_steps`` good steps; 0 disables),
+    roll the weights, optimizer, scheduler and EMA back to the last good checkpoint; training then
+    continues with the data after the bad batches. More than ``max_rollbacks`` rollbacks stop the
+    run (exit status 1). ``watchdog_timeout_s``: a step (data read, forward, backward, collective)
+    or a checkpoint save taking longer dumps every thread's stack to ``{run_dir}/hang-rank{r}.txt``
+    and exits with status 3 (0 disables). ``collective_timeout_s``: the process group's timeout.
+    """
+
+    skip_nonfinite: bool = True
+    max_bad_steps: int = 3
+    spike_factor: float = 10.0
+    spike_beta: float = 0.9
+    spike_warmup_steps: int = 10
+    max_rollbacks: int = 3
+    watchdog_timeout_s: float = 1800.0
+    collective_timeout_s: float = 1800.0
+
+
+@dataclass
 class TrainConfig:
     """The whole job. ``run_dir`` holds config.yaml, metrics.jsonl, checkpoints/, samples/, eval/, wandb/."""
 
@@ -192,6 +217,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
     run_name: str = "run"
     run_dir: str = "runs/${run_name}"
 
@@ -232,6 +258,8 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
     Raises:
         ValueError: naming the offending key and the allowed values.
     """
+    if isinstance(cfg, DictConfig):
+        check_declared(cfg)
     obj: Any = OmegaConf.to_object(cfg) if isinstance(cfg, DictConfig) else cfg
     for (group, key), allowed in _VALID.items():
         value = getattr(getattr(obj, group), key)
@@ -252,7 +280,103 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
         raise ValueError("data.batch_size and train.grad_accum_steps must be >= 1, train.steps >= 0")
     if not 0.0 <= obj.train.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay={obj.train.ema_decay} must be in [0, 1)")
+    check_ranges(obj)
+    check_buckets(obj)
     return obj
+
+
+def check_declared(cfg: DictConfig, prefix: str = "") -> None:
+    """Every key must be a field of its schema dataclass, also keys added with ``+key=value``.
+
+    Raises:
+        ValueError: naming the undeclared key (e.g. ``optim.lrr``) and the declared ones.
+    """
+    import dataclasses
+
+    schema = OmegaConf.get_type(cfg)
+    if schema is None or not dataclasses.is_dataclass(schema):
+        return
+    fields = {f.name for f in dataclasses.fields(schema)}
+    for key in cfg.keys():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ValueError(f"{name} is not a config key (a typo, or a '+' override of an undeclared key); "
+                             f"declared keys{' of ' + prefix[:-1] if prefix else ''}: {sorted(fields)}")
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+            check_declared(node, f"{name}.")
+
+
+# name -> (test, what it must be). One line per numeric key whose range Hydra's types cannot express.
+_RANGES = {
+    "optim.lr": (lambda v: v > 0, "> 0"),
+    "optim.weight_decay": (lambda v: v >= 0, ">= 0"),
+    "optim.eps": (lambda v: v > 0, "> 0"),
+    "optim.warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "optim.min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "optim.grad_clip": (lambda v: v > 0, "> 0"),
+    "train.log_every": (lambda v: v >= 1, ">= 1"),
+    "train.checkpoint_every": (lambda v: v >= 1, ">= 1"),
+    "train.keep_last_k": (lambda v: v >= 1, ">= 1"),
+    "data.num_workers": (lambda v: v >= 0, ">= 0"),
+    "data.frame_stride": (lambda v: v >= 1, ">= 1"),
+    "data.target_fps": (lambda v: v is None or v > 0, "> 0 or null"),
+    "data.read_retries": (lambda v: v >= 0, ">= 0"),
+    "data.read_backoff_s": (lambda v: v >= 0, ">= 0"),
+    "data.read_timeout_s": (lambda v: v is None or v > 0, "> 0 or null"),
+    "model.depth": (lambda v: v >= 1, ">= 1"),
+    "model.hidden_size": (lambda v: v >= 1, ">= 1"),
+    "model.mlp_ratio": (lambda v: v > 0, "> 0"),
+    "eval.every": (lambda v: v >= 0, ">= 0"),
+    "eval.num_steps": (lambda v: v >= 1, ">= 1"),
+    "reliability.max_bad_steps": (lambda v: v >= 1, ">= 1"),
+    "reliability.spike_factor": (lambda v: v == 0 or v > 1, "> 1, or 0 to disable"),
+    "reliability.spike_beta": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "reliability.spike_warmup_steps": (lambda v: v >= 0, ">= 0"),
+    "reliability.max_rollbacks": (lambda v: v >= 0, ">= 0"),
+    "reliability.watchdog_timeout_s": (lambda v: v >= 0, ">= 0 (0 disables)"),
+    "reliability.collective_timeout_s": (lambda v: v > 0, "> 0"),
+}
+
+
+def check_ranges(obj: Any) -> None:
+    """Numeric ranges (``optim.lr > 0``, ...), each error naming the key.
+
+    Raises:
+        ValueError: ``optim.lr=-0.001 must be > 0``.
+    """
+    for name, (ok, what) in _RANGES.items():
+        group, key = name.split(".")
+        value = getattr(getattr(obj, group), key)
+        if not ok(value):
+            raise ValueError(f"{name}={value!r} must be {what}")
+    betas = list(obj.optim.betas)
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"optim.betas={betas} must be two numbers in [0, 1)")
+
+
+# Compression (frames, pixels) and causal time of the autoencoders, as their released weights have it.
+VAE_COMPRESSION = {"identity": (1, 1, False), "wan": (4, 8, True), "hunyuan": (4, 8, True), "cogvideox": (4, 8, True)}
+
+
+def check_buckets(obj: Any) -> None:
+    """Every bucket ``(T, H, W)`` must fit the autoencoder's compression and then ``model.patch_size``.
+
+    Raises:
+        ValueError: naming ``data.buckets.buckets[i]``, the shape, and the factor it misses.
+    """
+    ct, cs, causal = VAE_COMPRESSION.get(obj.vae.name, (1, 1, False))
+    pt, ph, pw = obj.model.patch_size
+    for i, b in enumerate(obj.data.buckets.buckets):
+        name = f"data.buckets.buckets[{i}]=(num_frames={b.num_frames}, height={b.height}, width={b.width})"
+        if (b.num_frames - causal) % ct or b.height % cs or b.width % cs or b.num_frames < 1:
+            frames = f"num_frames = 1 + {ct} k" if causal else f"num_frames divisible by {ct}"
+            raise ValueError(f"{name} does not fit vae.name={obj.vae.name} (needs {frames}, height and width "
+                             f"divisible by {cs})")
+        t = 1 + (b.num_frames - 1) // ct if causal else b.num_frames // ct
+        if t % pt or (b.height // cs) % ph or (b.width // cs) % pw:
+            raise ValueError(f"{name}: its latent grid ({t}, {b.height // cs}, {b.width // cs}) is not divisible by "
+                             f"model.patch_size={list(obj.model.patch_size)}")
 
 
 def load_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:

@@ -15,6 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from vdit.train.config import WandbConfig
+from vdit.train.runrecord import strict_row, wandb_run_id
 
 log = logging.getLogger(__name__)
 
@@ -46,27 +47,31 @@ class RunLogger:
             os.environ.setdefault("WANDB_SILENT", "true")
             self.wandb = wandb.init(project=wandb_cfg.project, entity=wandb_cfg.entity,
                                     name=wandb_cfg.name or os.path.basename(os.path.abspath(run_dir)),
-                                    dir=run_dir, mode=wandb_cfg.mode, config=config, resume="allow")
+                                    dir=run_dir, mode=wandb_cfg.mode, config=config, resume="allow",
+                                    id=wandb_run_id(run_dir))  # a resumed run continues the same wandb run
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         mininterval=1.0, disable=None)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        """Append ``{"step": step, "time": unix seconds, **metrics}`` to metrics.jsonl and wandb."""
+        """Append ``{"step": step, "time": unix seconds, **metrics}`` to metrics.jsonl and wandb.
+
+        Rows are strict JSON: a NaN/Inf value is written as ``null`` and its key listed in ``"nonfinite"``.
+        """
         if not self.is_main:
             return
-        row = {"step": step, "time": round(time.time(), 3), **metrics}
+        row = strict_row({"step": step, "time": round(time.time(), 3), **metrics})
         with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
-        if self.bar is not None and "loss/train" in metrics:
+        if self.bar is not None and isinstance(row.get("loss/train"), float):
             self.bar.set_postfix(loss=f"{metrics['loss/train']:.4f}", lr=f"{metrics.get('optim/lr', 0):.2e}")
         if "perf/steps_per_s" in metrics and (self.bar is None or self.bar.disable):
             # No terminal (SLURM logs, CI): one progress line per log interval instead of a bar.
             rate = metrics["perf/steps_per_s"]
             eta = (self.total_steps - step) / rate if rate > 0 else float("inf")
             log.info("step %d/%d  loss %.4f  lr %.2e  %.2f it/s  data wait %.0f%%  ETA %s", step, self.total_steps,
-                     metrics.get("loss/train_mean", metrics.get("loss/train", float("nan"))),
+                     row.get("loss/train_mean", row.get("loss/train")) or float("nan"),
                      metrics.get("optim/lr", 0.0), rate, 100 * metrics.get("perf/data_wait_frac", 0.0),
                      time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?")
 

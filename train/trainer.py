@@ -31,6 +31,7 @@ from vdit.model.vae import build_autoencoder
 from vdit.train.checkpoint import CheckpointManager, GlobalDataState, ModelOptimizerState, ObjectState
 from vdit.train.config import TrainConfig
 from vdit.train.ema import EMA
+from vdit.train.guard import StepGuard, rollback
 from vdit.train.logging import RunLogger
 from vdit.train.optim import build_optimizer, build_scheduler
 from vdit.train.parallel.attention import apply_attention_backend
@@ -38,6 +39,9 @@ from vdit.train.parallel.deepspeed import DeepSpeedState, build_deepspeed, deeps
 from vdit.train.parallel.dims import ParallelDims, init_distributed
 from vdit.train.parallel.fsdp import apply_activation_checkpointing, materialize_and_init, parallelize, sync_sp_gradients
 from vdit.train.parallel.sequence import apply_sequence_parallel, build_sp_groups
+from vdit.train.preemption import Preemption
+from vdit.train.runrecord import ConfigRecord, apply_mutable, preflight, trim_metrics, write_config
+from vdit.train.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +153,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.run_dir = cfg.run_dir
-        self.dist = init_distributed()
+        self.dist = init_distributed(cfg.reliability.collective_timeout_s)
         self.is_main = self.dist.rank == 0
         self.device = self.dist.device if self.dist.is_distributed else resolve_device(cfg.train.device)
         self.dims = ParallelDims(cfg.parallel, self.dist.world_size, num_heads=cfg.model.num_heads)
@@ -158,9 +162,9 @@ class Trainer:
                              "(backend=none has no gradient averaging)")
         if self.dist.is_distributed:
             self.dims.build_mesh(self.device.type)
-        if self.is_main:
-            os.makedirs(self.run_dir, exist_ok=True)
-            OmegaConf.save(OmegaConf.structured(cfg), os.path.join(self.run_dir, "config.yaml"))
+        # Shards resolved and the resume target's architecture compared before anything is built or
+        # written: a failed start leaves no run directory and never touches config.yaml.
+        self.preflight = preflight(cfg)
         self.dtype = resolve_precision(cfg.train.precision, self.device)
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
@@ -179,6 +183,10 @@ class Trainer:
             self.null_text, self.null_mask = null_text.to(self.device).float(), null_mask.to(self.device)
         self.checkpoints = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_last_k)
         self.step = 0
+        self.preemption = Preemption()
+        self.guard = StepGuard(cfg.reliability, self.device, self.preemption)
+        if self.is_main:  # everything built: now the run directory may be written
+            write_config(cfg, self.run_dir, self.preflight)
 
     def build_parallel_model(self):
         """Model, optimizer and scheduler for this rank, in the fixed order of ``vdit.train.parallel``.
@@ -252,10 +260,16 @@ class Trainer:
     def _stateful(self) -> dict[str, Any]:
         app = DeepSpeedState(self.engine) if self.engine is not None else ModelOptimizerState(self.model, self.optimizer)
         return {"app": app, "scheduler": self.scheduler,
-                "ema": self.ema, "data": GlobalDataState(self.data), "trainer": ObjectState(_TrainerState(self), per_rank=False)}
+                "ema": self.ema, "data": GlobalDataState(self.data), "trainer": ObjectState(_TrainerState(self), per_rank=False),
+                "config": ConfigRecord(self.cfg)}
 
-    def save(self) -> str:
-        path = self.checkpoints.save(self.step, self._stateful())
+    def save(self) -> str | None:
+        if not self.guard.weights_finite(self.model, self.ema):  # never write NaN/Inf weights
+            self.guard.rollback_wanted = self.guard.rollback_wanted or "non-finite weights at a checkpoint"
+            if self.is_main:
+                log.error("checkpoint: step %d NOT saved: non-finite weights", self.step)
+            return None
+        path = self.checkpoints.save(self.step, self._stateful(), suspect=self.guard.suspect)
         if self.is_main:
             log.info("checkpoint: saved %s", path)
         return path
@@ -269,9 +283,13 @@ class Trainer:
         mode = self.cfg.train.resume
         path = None if mode == "never" else self.checkpoints.latest() if mode == "auto" else mode
         if path is None:
+            if self.is_main:
+                trim_metrics(self.run_dir, 0)
             return
         self.step = self.checkpoints.load(path, self._stateful())
+        apply_mutable(self, self.preflight.saved if path == self.preflight.checkpoint else None)
         if self.is_main:
+            trim_metrics(self.run_dir, self.step)  # each step exactly once in metrics.jsonl
             log.info("resumed from %s at step %d", path, self.step)
 
     # ------------------------------------------------------------------------------------------ loop
@@ -289,9 +307,12 @@ class Trainer:
         batches = iter(self.data)
         pending: list[torch.Tensor] = []
         t_last, wait, tokens = time.perf_counter(), 0.0, 0
-        eval_result = None
+        eval_result, preempted = None, False
+        watchdog = Watchdog(self.run_dir, self.dist.rank, self.cfg.reliability.watchdog_timeout_s).start()
+        self.preemption.install()
         try:
             while self.step < end:
+                watchdog.beat(f"step {self.step + 1}")
                 t0 = time.perf_counter()
                 micro = [next(batches) for _ in range(cfg.grad_accum_steps)]
                 wait += time.perf_counter() - t0
@@ -302,20 +323,32 @@ class Trainer:
                 pending.append(stats["loss"])
                 tokens += self.step_tokens
                 logger.advance()
-                if self.step % cfg.log_every == 0 or self.step == end:
+                save_now = self.step % cfg.checkpoint_every == 0 or self.step == end or self.guard.preempt
+                if self.step % cfg.log_every == 0 or self.step == end or save_now:  # rows before their checkpoint
                     elapsed = time.perf_counter() - t_last
                     self._log(logger, pending, stats, elapsed, wait, tokens)
                     pending, t_last, wait, tokens = [], time.perf_counter(), 0.0, 0
-                if self.step % cfg.checkpoint_every == 0 or self.step == end:
+                if save_now and not self.guard.rollback_wanted:
+                    watchdog.beat(f"checkpoint at step {self.step}")
                     self.save()
+                if self.guard.rollback_wanted:
+                    rollback(self)
+                if self.guard.preempt:
+                    preempted = True
+                    break
                 if self.cfg.eval.enabled and self.cfg.eval.every and self.step % self.cfg.eval.every == 0 \
                         and self.step != cfg.steps:
-                    self.evaluate()
-            if self.cfg.eval.enabled and self.step == cfg.steps:
-                eval_result = self.evaluate()
+                    with watchdog.paused():
+                        self.evaluate()
+            if self.cfg.eval.enabled and self.step == cfg.steps and not preempted:
+                with watchdog.paused():
+                    eval_result = self.evaluate()
         finally:
+            watchdog.stop()
+            self.preemption.uninstall()
             logger.close()
-        return {"step": self.step, "checkpoint": self.checkpoints.latest(), "eval": eval_result}
+        return {"step": self.step, "checkpoint": self.checkpoints.latest(), "eval": eval_result,
+                "preempted": preempted}
 
     def _log(self, logger: RunLogger, losses: list[torch.Tensor], stats: dict[str, torch.Tensor],
              elapsed: float, wait: float, tokens: int) -> None:
@@ -337,6 +370,7 @@ class Trainer:
             "perf/samples_per_s": n * b / elapsed,
             "perf/tokens_per_s": tokens * self.dp_size / elapsed,
             "perf/data_wait_frac": wait / elapsed,
+            **self.guard.metrics(),
             "data/skipped": sum(self.data.skipped.values()),
             **{f"data/skipped/{k}": v for k, v in self.data.skipped.items()},
             **{f"data/handled/{k}": v for k, v in self.data.handled.items()},
@@ -368,7 +402,7 @@ class Trainer:
     def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns device tensors (no host sync)."""
         total = self.forward_backward(micro_batches)
-        return {"loss": total, "grad_norm": self.optimizer_step()}
+        return {"loss": total, "grad_norm": self.optimizer_step(total)}
 
     def forward_backward(self, micro_batches: list[dict[str, Any]]) -> torch.Tensor:
         """Accumulate gradients of the flow-matching loss over micro-batches; returns the step's loss (device).
@@ -445,22 +479,29 @@ class Trainer:
         torch.distributed.all_reduce(t, group=self.dp_group)
         return float(t.item())
 
-    def optimizer_step(self) -> torch.Tensor:
+    def optimizer_step(self, loss: torch.Tensor | None = None) -> torch.Tensor:
         """Clip, step the optimizer and scheduler, zero the gradients, update the EMA; returns the grad norm.
 
         Gradient reduction: FSDP reduces over data-parallel and SP ranks (summing SP partial
         gradients, dividing by dp_size); without FSDP, SP partial gradients are summed here.
-        Under DeepSpeed the engine already stepped in :meth:`forward_backward`.
+        Under DeepSpeed the engine already stepped in :meth:`forward_backward`. The numerics guard
+        (:class:`vdit.train.guard.StepGuard`) decides on every rank together whether this step's
+        update is skipped (non-finite loss or gradient norm of the step's ``loss``, a loss spike).
         """
         if self.engine is not None:
             self.ema.update(self.model)
             norm = self.engine.get_global_grad_norm()
-            return torch.tensor(float(norm) if norm is not None else 0.0)
+            norm = torch.tensor(float(norm) if norm is not None else 0.0)
+            self.guard.agree(loss, norm)  # preemption and rollback decisions (DeepSpeed skips overflows itself)
+            return norm
         if self.dims.sp_size > 1 and not (self.dist.is_distributed and self.cfg.parallel.backend == "fsdp"):
             sync_sp_gradients(self.model, self.dims.sp_group)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()
+        if self.guard.agree(loss, grad_norm):  # skipped on every rank: no update, no scheduler or EMA step
+            self.optimizer.zero_grad(set_to_none=True)
+            return grad_norm
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
