@@ -78,6 +78,7 @@ def load_run(run_dir: str | None = None, checkpoint: str | None = None, use_ema:
 
     Raises:
         FileNotFoundError: missing config.yaml, checkpoint or export files.
+        vdit.train.checkpoint.CheckpointError: a checkpoint holding anything but tensors and plain data.
     """
     from vdit.train.checkpoint import CheckpointManager
     from vdit.train.export import load_checkpoint_weights, load_exported, load_run_config
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg, model, text_encoder, vae, step, dev = load_run(args.run_dir, args.checkpoint, not args.no_ema, args.device,
                                                             args.weights)
-    except FileNotFoundError as exn:
+    except (FileNotFoundError, ValueError) as exn:  # incl. CheckpointError: a checkpoint that is not plain data
         print(f"vdit-sample: {exn}", file=sys.stderr)
         return 1
     from vdit.eval.hook import write_samples

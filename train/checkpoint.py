@@ -39,6 +39,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
@@ -360,9 +361,17 @@ class CheckpointManager:
             if k not in entries:
                 raise CheckpointError(f"{path}: no {k!r} entry in its vdit_state JSON")
         if dcp_items:
-            with _single_process_quiet():
-                dcp.load(dcp_items, checkpoint_id=path, storage_reader=SafeFileSystemReader(path),
-                         planner=SafeLoadPlanner())
+            SafeFileSystemReader(path).read_metadata()  # refuse a foreign .metadata here, with our message
+            try:
+                with _single_process_quiet():
+                    dcp.load(dcp_items, checkpoint_id=path, storage_reader=SafeFileSystemReader(path),
+                             planner=SafeLoadPlanner())
+            except CheckpointException as exn:
+                for failure in exn.failures.values():
+                    inner = failure[0] if isinstance(failure, tuple) else failure
+                    if isinstance(inner, CheckpointError):
+                        raise CheckpointError(f"{path}: {inner}") from None
+                raise
         for k, v in json_items.items():
             v.load_state_dict(from_json(entries[k]))
         with open(os.path.join(path, "COMPLETE")) as f:

@@ -7,7 +7,7 @@ Run:
 
 Writes ``{out}/model.safetensors`` (fp32 by default, ``--dtype bf16`` to halve it) and
 ``{out}/config.json`` (the run's full config, so ``vdit-sample --weights {out}`` rebuilds the model).
-Only the model (or EMA) tensors are read from the checkpoint: DCP loads exactly the requested
+Weights with NaN/Inf are refused (exit status 1). Only the model (or EMA) tensors are read from the checkpoint: DCP loads exactly the requested
 keys and reshards them from whatever layout saved them (FSDP on N ranks, one process, ...), so
 the optimizer state is never gathered anywhere.
 """
@@ -121,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         if ckpt is None:
             raise FileNotFoundError(f"no complete checkpoint under {args.run_dir}/checkpoints")
         model, step = load_checkpoint_weights(cfg, ckpt, args.weights)
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:
+            raise ValueError(f"{ckpt} has non-finite {args.weights} weights in {len(bad)} tensors (first: {bad[0]}); "
+                             "refusing to export. Export an earlier checkpoint with --checkpoint")
     except (FileNotFoundError, ValueError) as exn:
         print(f"vdit-export: {exn}", file=sys.stderr)
         return 1
