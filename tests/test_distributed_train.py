@@ -29,12 +29,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(nproc: int, *args: str, module: bool = True):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()),
-           *(["-m"] if module else []), *args]
+def torchrun_cmd(nproc: int, *args: str, module: bool = True, launcher: tuple[str, ...] = ()) -> list[str]:
+    """The command line of a ``nproc``-rank CPU job (plain python for one rank); ``launcher``: extra torchrun flags."""
     if nproc == 1:
-        cmd = [sys.executable, *(["-m"] if module else []), *args]
+        return [sys.executable, *(["-m"] if module else []), *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+            str(free_port()), *launcher, *(["-m"] if module else []), *args]
+
+
+def torchrun(nproc: int, *args: str, module: bool = True):
+    cmd = torchrun_cmd(nproc, *args, module=module)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
