@@ -310,3 +310,40 @@ def test_missing_shards_fail_before_the_model_and_leave_no_run_dir(tmp_path):
     assert "data.shards" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
     assert not run.exists()
+
+
+# ------------------------------------------------------------------------------------- SLURM script
+@pytest.mark.parametrize("preempted", [True, False])
+def test_slurm_script_forwards_usr1_and_requeues_only_after_a_preemption_exit(preempted, tmp_path):
+    """Finding 1: launch/slurm.sbatch passes SIGUSR1 (``--signal=B:USR1@...``) on to srun and requeues the
+    job when the trainer stopped for a requeue (requeue file / status 75); any other failure is not requeued."""
+    import signal
+    import time
+
+    script = os.path.join(os.path.dirname(__file__), "..", "launch", "slurm.sbatch")
+    text = open(script).read()
+    assert "#SBATCH --signal=B:USR1@" in text and "#SBATCH --requeue" in text
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text("#!/usr/bin/env bash\n"
+                               f"trap '{'echo {} > $VDIT_REQUEUE_FILE; ' if preempted else ''}exit 1' USR1\n"
+                               f"touch {tmp_path}/started\nwhile true; do sleep 0.05; done\n")
+    (fake / "scontrol").write_text(f"#!/usr/bin/env bash\n[[ $1 == show ]] && echo node0 && exit 0\n"
+                                   f"echo \"$@\" >> {tmp_path}/scontrol.log\n")
+    for f in ("srun", "scontrol"):
+        os.chmod(fake / f, 0o755)
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node0", "SLURM_NNODES": "1",
+           "SLURM_JOB_ID": "123", "SLURM_SUBMIT_DIR": str(tmp_path)}
+    proc = subprocess.Popen(["bash", script, "model=tiny"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    end = time.monotonic() + 30
+    while not (tmp_path / "started").exists():
+        assert time.monotonic() < end and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=30)
+    log = (tmp_path / "scontrol.log").read_text() if (tmp_path / "scontrol.log").exists() else ""
+    if preempted:
+        assert proc.returncode == 0 and "requeue 123" in log, out
+    else:
+        assert proc.returncode == 1 and "requeue" not in log, out
