@@ -31,7 +31,8 @@ Output in ``--output``:
 Bad inputs never stop the run: each is skipped and reported with its path and a reason
 (``empty``, ``not_video``, ``corrupt``, ``missing``, ``no_caption``, ``bad_caption``,
 ``bad_row``, ``too_short``, ``too_long``, ``few_frames``, ``low_resolution``, ``bad_aspect``,
-``low_motion``, ``duplicate``, ``crash`` (the decoder killed its worker process), ``error``).
+``low_motion``, ``duplicate``, ``crash`` (the decoder killed its worker process), ``timeout`` (a video took
+longer than ``--video-timeout`` seconds; its worker was ended), ``error``).
 Exit status: 0 if at least one clip was written, 1 if nothing usable was found, 2 for usage
 errors.
 
@@ -44,6 +45,7 @@ the output does not depend on N.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import hashlib
 import io
 import json
@@ -123,6 +125,8 @@ STATE_FILE = "_ingest_state.json"
 STATE_DIR = "_ingest_state"
 _STATE_VERSION = 1
 _CRASH_ENV = "VDIT_INGEST_CRASH_ON"  # test hook: a worker whose video source contains this string segfaults
+_HANG_ENV = "VDIT_INGEST_HANG_ON"  # test hook: a worker whose video source contains this string hangs
+_VIDEO_TIMEOUT_S: float | None = None  # set in each worker by _init_worker
 CLIP_MODES = ("window", "timestamps")
 
 
@@ -429,9 +433,11 @@ def _exit_with_parent() -> None:
         os._exit(1)
 
 
-def _init_worker() -> None:
+def _init_worker(video_timeout_s: float | None = None) -> None:
     """Worker start-up: leave Ctrl-C to the parent (it shuts the pool down), one OpenCV thread each,
-    and follow the parent if it is killed."""
+    follow the parent if it is killed, and remember the per-video time limit."""
+    global _VIDEO_TIMEOUT_S
+    _VIDEO_TIMEOUT_S = video_timeout_s
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     cv2.setNumThreads(1)
     threading.Thread(target=_exit_with_parent, name="exit-with-parent", daemon=True).start()
@@ -440,19 +446,34 @@ def _init_worker() -> None:
 def _run_job(task: Task) -> VideoResult:
     """:func:`process_video` for one task; an unexpected exception becomes an ``error`` skip."""
     job, opts, filters = task
+    in_worker = multiprocessing.parent_process() is not None
+    if in_worker and _VIDEO_TIMEOUT_S:
+        # A C-level watchdog thread (works while a decoder holds the GIL): past the limit it prints the
+        # stack and ends this worker; the pool then retries the video alone and reports it as ``timeout``.
+        faulthandler.dump_traceback_later(_VIDEO_TIMEOUT_S, exit=True)
     marker = os.environ.get(_CRASH_ENV)
-    if marker and marker in job.source and multiprocessing.parent_process() is not None:
+    if marker and marker in job.source and in_worker:
         os.kill(os.getpid(), signal.SIGSEGV)  # test hook: a decoder segfault, in workers only
+    marker = os.environ.get(_HANG_ENV)
+    if marker and marker in job.source and in_worker:
+        time.sleep(1e6)  # test hook: a decoder that never returns, in workers only
     try:
         return process_video(job, opts, filters)
     except Exception as e:  # noqa: BLE001 - one bad video must not stop a million-video ingest
         row = job.segments[0].row if job.segments else None
         return VideoResult([], [Skip(job.path, "error", f"{type(e).__name__}: {e}"[:300], row)], read=False)
+    finally:
+        if in_worker and _VIDEO_TIMEOUT_S:
+            faulthandler.cancel_dump_traceback_later()
 
 
-def _crash_result(task: Task) -> VideoResult:
+def _crash_result(task: Task, timeout_s: float | None = None) -> VideoResult:
+    """``crash`` skip, or ``timeout`` when the worker was ended by the per-video time limit ``timeout_s``."""
     job = task[0]
     row = job.segments[0].row if job.segments else None
+    if timeout_s:
+        return VideoResult([], [Skip(job.path, "timeout", f"processing took more than {timeout_s:g} s (the worker "
+                                     "was ended), also when retried alone", row)], read=False)
     detail = ("the worker process died while processing this video (e.g. a segfault in the decoder), "
               "also when retried alone")
     return VideoResult([], [Skip(job.path, "crash", detail, row)], read=False)
@@ -466,16 +487,19 @@ class WorkerPool:
     ``BrokenProcessPool``; the pool is restarted and those videos are retried one at a time:
     a video that kills its worker again is reported as ``crash``, the others are kept. Crashes
     are therefore attributed to the right video and the output does not depend on timing.
+    ``video_timeout_s``: a worker busy with one video for longer ends itself (see :func:`_run_job`);
+    a video that does so again when retried alone is reported as ``timeout``.
     """
 
-    def __init__(self, workers: int):
+    def __init__(self, workers: int, video_timeout_s: float | None = None):
         self.workers = workers
+        self.video_timeout_s = video_timeout_s
         self._executor: ProcessPoolExecutor | None = None
 
     def _pool(self) -> ProcessPoolExecutor:
         if self._executor is None:
             self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                                 initializer=_init_worker)
+                                                 initializer=_init_worker, initargs=(self.video_timeout_s,))
         return self._executor
 
     def _submit(self, task: Task) -> Future:
@@ -495,11 +519,13 @@ class WorkerPool:
     def _salvage(self, task: Task, fut: Future) -> VideoResult:
         if fut.done() and not fut.cancelled() and fut.exception() is None:
             return fut.result()  # finished before the pool broke
+        t0 = time.monotonic()
         try:
             return self._submit(task).result()
         except BrokenProcessPool:
             self.shutdown()
-            return _crash_result(task)
+            limit = self.video_timeout_s
+            return _crash_result(task, limit if limit and time.monotonic() - t0 >= 0.9 * limit else None)
 
     def imap(self, items: Iterable[tuple[int, VideoResult | None, Task]],
              window: int) -> Iterator[tuple[int, VideoResult]]:
@@ -536,13 +562,14 @@ class WorkerPool:
 
 @contextmanager
 def _video_results(jobs: list[VideoJob], start: int, opts: ClipOptions, filters: FilterOptions, workers: int,
-                   ready: dict[int, VideoResult]) -> Iterator[Iterator[tuple[int, VideoResult]]]:
+                   ready: dict[int, VideoResult], video_timeout_s: float | None = None
+                   ) -> Iterator[Iterator[tuple[int, VideoResult]]]:
     """``(index, result)`` for ``jobs[start:]`` in order; ``ready`` results (duplicates) are not processed."""
     items = ((i, ready.get(i), (jobs[i], opts, filters)) for i in range(start, len(jobs)))
     if workers <= 1:  # in this process: no start-up cost, but a segfaulting decoder ends the ingest
         yield ((i, r if r is not None else _run_job(task)) for i, r, task in items)
         return
-    pool = WorkerPool(workers)
+    pool = WorkerPool(workers, video_timeout_s)
     try:
         yield pool.imap(items, window=2 * workers)
     finally:
@@ -1060,6 +1087,7 @@ def ingest(
     video_root: str | None = None,
     overwrite: bool = False,
     stop_after_shards: int | None = None,
+    video_timeout_s: float | None = None,
 ) -> dict:
     """Turn a manifest or a folder of captioned videos into webdataset shards; resumable.
 
@@ -1089,6 +1117,8 @@ def ingest(
         video_root: folder for relative video paths / Panda-70M video IDs.
         overwrite: discard a journal made with other arguments and start over.
         stop_after_shards: debug: raise :class:`IngestStopped` once the journal holds this many shards.
+        video_timeout_s: with ``workers >= 2``, a video still being processed after this many seconds
+            (a hung decoder) ends its worker and is skipped as ``timeout``; None: no limit.
 
     Returns:
         The report dict (also written to ``ingest_report.json``).
@@ -1136,7 +1166,7 @@ def ingest(
     ready = _duplicate_files(jobs, sizes) if dedup and start_video < len(jobs) else {}
     clips_this_run = videos_this_run = 0
     try:
-        with _video_results(jobs, start_video, opts, filters, workers, ready) as results:
+        with _video_results(jobs, start_video, opts, filters, workers, ready, video_timeout_s) as results:
             for idx, result in results:
                 job = jobs[idx]
                 videos_this_run += 1
@@ -1335,6 +1365,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--workers", type=int, default=1,
                    help="processes decoding and encoding videos (default 1: in this process). With N >= 2, N "
                         "worker processes; a decoder that crashes its worker only loses that video (crash)")
+    o.add_argument("--video-timeout", type=float, default=1800.0,
+                   help="seconds one video may take with --workers >= 2; a hung decoder is ended and the video "
+                        "skipped as timeout (default 1800; 0: no limit)")
     o.add_argument("--overwrite", action="store_true",
                    help="start over even if --output holds an ingest made with other arguments")
     o.add_argument("--stop-after-shards", type=int, default=None, help=argparse.SUPPRESS)  # debug: simulate a kill
@@ -1386,6 +1419,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             video_root=args.video_root,
             overwrite=args.overwrite,
             stop_after_shards=args.stop_after_shards,
+            video_timeout_s=args.video_timeout or None,
         )
     except UsageError as e:
         print(f"vdit-ingest: error: {e}", file=sys.stderr)

@@ -114,6 +114,19 @@ def test_a_crashing_decoder_loses_only_its_video(collection, tmp_path, monkeypat
     assert {m["source"] for m in metas_of(out).values()} == {f"v{i}.mp4" for i in range(6)} - {"v3.mp4"}
 
 
+def test_a_hanging_decoder_is_ended_and_its_video_skipped_as_timeout(collection, tmp_path, monkeypatch):
+    """Issue 12: a video whose decoder never returns costs --video-timeout seconds, is skipped as ``timeout``,
+    and the rest of the ingest continues."""
+    monkeypatch.setenv("VDIT_INGEST_HANG_ON", "v2.mp4")  # the worker holding v2 hangs (test hook)
+    out = tmp_path / "out"
+    assert run("--input", collection, "--output", out, "--clip-seconds", 1, "--workers", 2,
+               "--video-timeout", 4) == 0
+    report = report_of(out)
+    timeouts = [s for s in report["skipped"] if s["reason"] == "timeout"]
+    assert [os.path.basename(s["path"]) for s in timeouts] == ["v2.mp4"]
+    assert {m["source"] for m in metas_of(out).values()} == {f"v{i}.mp4" for i in range(6)} - {"v2.mp4"}
+
+
 # ----------------------------------------------------------------------------------------------
 # Manifest layouts and clip modes
 # ----------------------------------------------------------------------------------------------
