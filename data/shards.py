@@ -10,7 +10,9 @@ share: every rank of one SP group passes the same ``dp_rank`` and so reads the s
 
 :func:`read_shard` reads one shard into memory through webdataset's ``gopen`` (local paths,
 ``file:``, ``pipe:`` commands, and the URL schemes webdataset maps to commands such as ``curl``),
-with retries, exponential backoff and a time limit, and never raises.
+with retries, exponential backoff and a time limit, and never raises. A shard that still fails after
+its retries (truncated or unreadable) is remembered as bad by this process for the rest of the run:
+later epochs read it once, without retries or waits (:func:`forget_bad_shards` clears the memory).
 """
 
 from __future__ import annotations
@@ -30,6 +32,13 @@ import webdataset as wds
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 log = logging.getLogger(__name__)
+
+_BAD_SHARDS: dict[str, str] = {}  # url -> reason, for shards that failed every attempt in this process
+
+
+def forget_bad_shards() -> None:
+    """Forget the shards remembered as bad (e.g. after replacing them on disk)."""
+    _BAD_SHARDS.clear()
 
 
 @dataclass
@@ -121,6 +130,7 @@ def read_shard(url: str, skipped: Counter | None = None, read: ShardReadSpec | N
 
     A failed attempt (cannot open, non-zero exit of a ``pipe:`` command, truncated tar, timeout) is
     retried ``read.retries`` times with backoff; the attempt with the most samples is kept. A shard
+    that failed every attempt is remembered (per process) and later read once, without retries. A shard
     that still yields nothing counts ``skipped["shard_unreadable"]``, one that yields a part counts
     ``skipped["shard_truncated"]``; both log one line.
 
@@ -131,14 +141,16 @@ def read_shard(url: str, skipped: Counter | None = None, read: ShardReadSpec | N
     read = read or ShardReadSpec()
     best: list[dict[str, Any]] = []
     errors: list[BaseException] = []
-    for attempt in range(read.retries + 1):
+    known_bad = url in _BAD_SHARDS
+    retries = 0 if known_bad else read.retries  # a shard that failed every attempt before: once, no waiting
+    for attempt in range(retries + 1):
         samples, errors = _read_once(url, read.timeout_s)
         if len(samples) > len(best) or attempt == 0:
             best = samples
         if not errors:
             best = samples
             break
-        if attempt < read.retries:
+        if attempt < retries:
             wait = read.backoff_s * 2 ** attempt
             log.warning("data: %s: read failed (%s); retry %d/%d in %.2g s", url, errors[0], attempt + 1,
                         read.retries, wait)
@@ -147,8 +159,10 @@ def read_shard(url: str, skipped: Counter | None = None, read: ShardReadSpec | N
         reason = "shard_unreadable" if not best else "shard_truncated"
         if skipped is not None:
             skipped[reason] += 1
-        log.warning("data: %s: %s after %d attempts (%s); kept %d samples", url, reason, read.retries + 1,
-                    errors[0], len(best))
+        if not known_bad:
+            log.warning("data: %s: %s after %d attempts (%s); kept %d samples; not retried again in this run", url,
+                        reason, retries + 1, errors[0], len(best))
+        _BAD_SHARDS[url] = reason
     best.sort(key=lambda s: s["__key__"])
     return best
 

@@ -12,6 +12,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import torch
@@ -347,3 +348,28 @@ def test_slurm_script_forwards_usr1_and_requeues_only_after_a_preemption_exit(pr
         assert proc.returncode == 0 and "requeue 123" in log, out
     else:
         assert proc.returncode == 1 and "requeue" not in log, out
+
+
+def test_a_truncated_shard_is_remembered_as_bad(tmp_path):
+    """Finding 6: a truncated shard costs its retries (and their waits) once; later epochs read it once,
+    keep the same samples and count it again, without waiting."""
+    import time
+
+    from vdit.data.shards import ShardReadSpec, forget_bad_shards, read_shard
+
+    url = write_shards(str(tmp_path / "s"), 1, 4)[0]
+    data = open(url, "rb").read()
+    with open(url, "wb") as f:
+        f.write(data[: len(data) // 2])
+    forget_bad_shards()
+    spec = ShardReadSpec(retries=2, backoff_s=0.4)
+    skipped = Counter()
+    t0 = time.monotonic()
+    first = read_shard(url, skipped, spec)
+    t1 = time.monotonic()
+    again = read_shard(url, skipped, spec)
+    t2 = time.monotonic()
+    assert t1 - t0 >= 1.2 and t2 - t1 < 0.5, (t1 - t0, t2 - t1)
+    assert [s["__key__"] for s in again] == [s["__key__"] for s in first] and 0 < len(first) < 4
+    assert skipped["shard_truncated"] == 2
+    forget_bad_shards()
