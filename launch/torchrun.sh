@@ -10,8 +10,10 @@ set -euo pipefail
 if [[ -z "${NPROC:-}" ]]; then
   NPROC=$(python3 -c 'import torch; print(max(1, torch.cuda.device_count()))' 2>/dev/null || echo 1)
 fi
+# SIGUSR1/SIGTERM go on to the workers, which checkpoint and exit 75 (see vdit.train.preemption).
 exec torchrun \
   --nnodes "${NNODES:-1}" \
+  --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 \
   --nproc_per_node "${NPROC}" \
   --rdzv_backend c10d \
   --rdzv_endpoint "${MASTER_ADDR:-127.0.0.1}:${MASTER_PORT:-29500}" \
