@@ -22,7 +22,6 @@ from tests.test_train import losses, tiny_cfg
 from vdit.data.pipeline import VideoPipeline
 from vdit.train.checkpoint import CheckpointError, CheckpointManager
 from vdit.train.guard import NumericsError
-from vdit.train.logging import read_metrics
 from vdit.train.runrecord import ConfigMismatchError
 from vdit.train.trainer import Trainer
 

@@ -41,7 +41,7 @@ def run(cfg: DictConfig) -> dict:
 
     from vdit.train.checkpoint import CheckpointError
     from vdit.train.guard import NumericsError
-    from vdit.train.preemption import REQUEUE_EXIT, write_requeue_file
+    from vdit.train.preemption import REQUEUE_EXIT
 
     run_dir = str(cfg.run_dir)
     try:
@@ -58,7 +58,6 @@ def run(cfg: DictConfig) -> dict:
         result = trainer.fit()
         if result.get("preempted"):
             if main:
-                write_requeue_file(result["step"], result["checkpoint"], trainer.preemption.signals)
                 log.info("preempted: checkpoint %s at step %d; exiting with status %d (requeue to continue)",
                          result["checkpoint"], result["step"], REQUEUE_EXIT)
         else:

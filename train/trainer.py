@@ -39,7 +39,7 @@ from vdit.train.parallel.deepspeed import DeepSpeedState, build_deepspeed, deeps
 from vdit.train.parallel.dims import ParallelDims, init_distributed
 from vdit.train.parallel.fsdp import apply_activation_checkpointing, materialize_and_init, parallelize, sync_sp_gradients
 from vdit.train.parallel.sequence import apply_sequence_parallel, build_sp_groups
-from vdit.train.preemption import Preemption
+from vdit.train.preemption import Preemption, write_requeue_file
 from vdit.train.runrecord import ConfigRecord, apply_mutable, preflight, trim_metrics, write_config
 from vdit.train.watchdog import Watchdog
 
@@ -333,8 +333,10 @@ class Trainer:
                     self.save()
                 if self.guard.rollback_wanted:
                     rollback(self)
-                if self.guard.preempt:
+                if self.guard.preempt:  # agreed by every rank; the checkpoint above is saved
                     preempted = True
+                    if self.is_main:  # written while SIGTERM is still only a flag here
+                        write_requeue_file(self.step, self.checkpoints.latest(), self.preemption.signals)
                     break
                 if self.cfg.eval.enabled and self.cfg.eval.every and self.step % self.cfg.eval.every == 0 \
                         and self.step != cfg.steps:
