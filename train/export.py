@@ -7,7 +7,8 @@ Run:
 
 Writes ``{out}/model.safetensors`` (fp32 by default, ``--dtype bf16`` to halve it) and
 ``{out}/config.json`` (the run's full config, so ``vdit-sample --weights {out}`` rebuilds the model).
-Weights with NaN/Inf are refused (exit status 1). Only the model (or EMA) tensors are read from the checkpoint: DCP loads exactly the requested
+Weights with NaN/Inf are refused (exit status 1).
+Only the model (or EMA) tensors are read from the checkpoint: DCP loads exactly the requested
 keys and reshards them from whatever layout saved them (FSDP on N ranks, one process, ...), so
 the optimizer state is never gathered anywhere.
 """
