@@ -151,3 +151,36 @@ def test_a_rank_stuck_in_a_step_is_stopped_by_the_watchdog(tmp_path):
     dump = (run / "hang-rank1.txt").read_text()
     assert "no progress for 5 s" in dump and "slow_step" in dump and "Thread" in dump
     assert "exitcode  : 3" in out or "watchdog" in out, out[-3000:]
+
+
+def test_nan_on_one_rank_skips_the_step_on_both(tmp_path):
+    """Finding 2 across ranks: NaN pixels in rank 1's batch of step 2 -> both ranks skip that update together
+    (train/skipped_steps=1), training finishes, and the final checkpoint is finite."""
+    from vdit.train.export import load_checkpoint_weights, load_run_config
+
+    shards = str(tmp_path / "shards")
+    write_shards(shards, 4, 4)
+    run = tmp_path / "run"
+    script = tmp_path / "nan.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, torch
+        from vdit.train.config import load_config
+        from vdit.train.main import run
+        from vdit.train.trainer import Trainer
+        original = Trainer.train_step
+        def poisoned_step(self, micro):
+            if self.step == 1 and os.environ["RANK"] == "1":
+                micro = [dict(b, video=torch.full_like(b["video"], float("nan"))) for b in micro]
+            return original(self, micro)
+        Trainer.train_step = poisoned_step
+        run(load_config({[f"data.shards={shards}", f"run_dir={run}", *TINY, "train.steps=4",
+                          "parallel.dp_shard=2"]!r}))
+    """))
+    torchrun(2, str(script), module=False)
+    rows = [r for r in read_metrics(str(run))]
+    assert rows[-1]["step"] == 4 and rows[-1]["train/skipped_steps"] == 1
+    assert next(r for r in rows if r["step"] == 2)["loss/train"] is None
+    cfg = load_run_config(str(run))
+    for which in ("raw", "ema"):
+        model, step = load_checkpoint_weights(cfg, str(run / "checkpoints" / "step-00000004"), which)
+        assert step == 4 and all(torch.isfinite(p).all() for p in model.parameters())
