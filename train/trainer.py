@@ -38,6 +38,7 @@ from vdit.train.parallel.deepspeed import DeepSpeedState, build_deepspeed, deeps
 from vdit.train.parallel.dims import ParallelDims, init_distributed
 from vdit.train.parallel.fsdp import apply_activation_checkpointing, materialize_and_init, parallelize, sync_sp_gradients
 from vdit.train.parallel.sequence import apply_sequence_parallel, build_sp_groups
+from vdit.train.validation import Validator
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,8 @@ class Trainer:
             null_text, null_mask = load_null_text(self.data.latent_dir)  # (L, D), (L,)
             self.null_text, self.null_mask = null_text.to(self.device).float(), null_mask.to(self.device)
         self.checkpoints = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_last_k)
+        self.validator = Validator(cfg, self.vae, self.encode_text, self.device, self.dtype, self.dp_rank,
+                                   self.dp_size, self.dp_group) if cfg.eval.val_every else None
         self.step = 0
 
     def build_parallel_model(self):
@@ -239,7 +242,9 @@ class Trainer:
     def build_data(self) -> VideoPipeline:
         """The streaming pipeline for this rank's data-parallel slot (SP ranks of one group share it)."""
         d = self.cfg.data
-        spec = ClipSpec(d.num_frames, d.height, d.width, d.target_fps, d.frame_stride, d.random_crop, d.shuffle, d.seed)
+        held_out = d.val_fraction > 0 and not d.val_shards  # validation clips come out of the training shards
+        spec = ClipSpec(d.num_frames, d.height, d.width, d.target_fps, d.frame_stride, d.random_crop, d.shuffle, d.seed,
+                        split="train" if held_out else "all", held_out_fraction=d.val_fraction if held_out else 0.0)
         buckets = d.buckets if d.buckets.buckets else None
         return VideoPipeline(
             d.shards, spec, None if buckets else d.batch_size, num_workers=d.num_workers, dp_rank=self.dp_rank,
@@ -308,14 +313,25 @@ class Trainer:
                     pending, t_last, wait, tokens = [], time.perf_counter(), 0.0, 0
                 if self.step % cfg.checkpoint_every == 0 or self.step == end:
                     self.save()
+                if self.validator is not None and (self.step % self.cfg.eval.val_every == 0 or self.step == cfg.steps):
+                    logger.log(self.step, self.validator(self.model))
                 if self.cfg.eval.enabled and self.cfg.eval.every and self.step % self.cfg.eval.every == 0 \
                         and self.step != cfg.steps:
-                    self.evaluate()
+                    self._log_eval(logger, self.evaluate())
             if self.cfg.eval.enabled and self.step == cfg.steps:
                 eval_result = self.evaluate()
+                self._log_eval(logger, eval_result)
         finally:
             logger.close()
         return {"step": self.step, "checkpoint": self.checkpoints.latest(), "eval": eval_result}
+
+    def _log_eval(self, logger: RunLogger, result: dict[str, Any] | None) -> None:
+        """Log an evaluation's per-checkpoint means (rank 0 has the result): ``gen/*`` keys as they are,
+        the others as ``eval/<name>``; metrics that were not evaluable (mean None) are left out."""
+        if result is None:
+            return
+        logger.log(self.step, {name if name.startswith("gen/") else f"eval/{name}": m["mean"]
+                               for name, m in result["metrics"].items() if m.get("mean") is not None})
 
     def _log(self, logger: RunLogger, losses: list[torch.Tensor], stats: dict[str, torch.Tensor],
              elapsed: float, wait: float, tokens: int) -> None:
