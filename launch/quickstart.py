@@ -26,8 +26,12 @@ def _step(msg: str) -> None:
     print(f"\n==> {msg}", flush=True)
 
 
-def build_data(data_dir: str = DATA, synthetic_clips: int = 48) -> str:
-    """Prepare the sample videos and ingest them into shards (skipped when shards exist); returns the shard dir."""
+def build_data(data_dir: str = DATA, synthetic_clips: int = 160, synthetic_size: int = 32) -> str:
+    """Prepare the sample videos and ingest them into shards (skipped when shards exist); returns the shard dir.
+
+    The procedural clips are rendered at ``synthetic_size`` pixels, the training resolution, so
+    their balls keep the renderer's minimum radius (2.5 px) instead of being halved by a resize.
+    """
     from vdit.data import ingest, samples
 
     shards = os.path.join(data_dir, "shards")
@@ -36,7 +40,8 @@ def build_data(data_dir: str = DATA, synthetic_clips: int = 48) -> str:
         return shards
     raw = os.path.join(data_dir, "raw")
     _step(f"vdit-prepare-samples -> {raw}")
-    if samples.main(["--output", raw, "--synthetic-clips", str(synthetic_clips), "--seed", "0"]) not in (0, None):
+    if samples.main(["--output", raw, "--synthetic-clips", str(synthetic_clips), "--seed", "0",
+                     "--height", str(synthetic_size), "--width", str(synthetic_size)]) not in (0, None):
         raise SystemExit("vdit-prepare-samples failed")
     _step(f"vdit-ingest -> {shards}")
     code = ingest.main(["--input", os.path.join(raw, "manifest.jsonl"), "--output", shards, "--clip-seconds", "2",
