@@ -18,8 +18,6 @@ import torch
 from vdit.data.synthetic import SceneParams, caption, random_scene
 from vdit.data.transforms import to_uint8_video
 from vdit.data.video_io import write_mp4
-from vdit.eval.metrics.flicker import temporal_flickering
-from vdit.eval.physics import physics_checks
 from vdit.eval.report import contact_sheet
 from vdit.eval.sample import generate
 
@@ -59,37 +57,53 @@ def write_samples(out_dir: str, videos: torch.Tensor, prompts: list[str], fps: f
     return paths
 
 
-def score_videos(videos: list[np.ndarray], params: list[SceneParams | None]) -> dict[str, Any]:
-    """Score uint8 ``(T, H, W, 3)`` videos: temporal flickering for all, trajectory checks where params exist.
+# Weight-free metrics scored inside training (about 0.1 s per 16 x 32 x 32 video on one core).
+HOOK_METRICS = ["temporal_flickering", "temporal_flickering_all", "static_filter", "dynamic_degree",
+                "motion_magnitude", "motion_smoothness", "motion_jerk", "subject_consistency",
+                "background_consistency"]
 
-    Returns ``{"per_video": [...], "metrics": {name: {"mean", "count", ...provenance}}}``.
+
+def score_videos(videos: list[np.ndarray], params: list[SceneParams | None], fps: float | None = None,
+                 metrics: list[str] | None = None) -> dict[str, Any]:
+    """Score uint8 ``(T, H, W, 3)`` videos with the registry's weight-free metrics, plus the
+    trajectory checks where scene params exist.
+
+    Args:
+        fps: frames per second of the videos (default: the first scene's fps, else 8).
+        metrics: registry names (default :data:`HOOK_METRICS`).
+
+    Returns ``{"per_video": [{name: value, "physics": report}], "metrics": {name: {"mean", "value",
+    "count", "not_evaluable", ...provenance}}}``; trajectory checks appear as
+    ``physics/<check>_pass_rate`` and ``physics/all_pass_rate`` (``mean`` None when not evaluable).
     """
-    per_video: list[dict[str, Any]] = []
-    flicker_vals, checks = [], {}
-    flicker_meta: dict[str, Any] = {}
-    for video, p in zip(videos, params):
-        row: dict[str, Any] = {}
-        fl = temporal_flickering(video)
-        flicker_meta = {k: v for k, v in fl.to_dict().items() if k in ("implementation", "original", "exact")}
-        row["temporal_flickering"] = fl.value
-        flicker_vals.append(fl.value)
-        if p is not None:
-            phys = physics_checks(video, p)
-            row["physics"] = phys
-            for name, res in phys.items():
-                if isinstance(res, dict) and "passed" in res:
-                    checks.setdefault(name, []).append(res["passed"])
-            checks.setdefault("all", []).append(bool(phys["passed"]))
+    from vdit.eval.metrics.registry import Inputs, score_set
+
+    if fps is None:
+        fps = next((p.fps for p in params if p is not None), 8.0)
+    names = list(metrics or HOOK_METRICS) + (["physics"] if any(p is not None for p in params) else [])
+    out = score_set([Inputs(v, fps, scene=p) for v, p in zip(videos, params)], names)
+    per_video = []
+    for row in out["videos"]:
+        row = dict(row)
+        if "physics" in row:
+            row["physics"] = row.pop("physics_details", None) if row["physics"] is not None or \
+                "physics_details" in row else None
         per_video.append(row)
-    metrics: dict[str, Any] = {
-        "temporal_flickering": {"mean": float(np.mean(flicker_vals)), "count": len(flicker_vals), **flicker_meta}}
-    for name, results in checks.items():
-        judged = [bool(r) for r in results if r is not None]  # None: nothing tracked, not evaluable
-        metrics[f"physics/{name}_pass_rate"] = {
-            "mean": float(np.mean(judged)) if judged else None, "count": len(judged),
-            "not_evaluable": len(results) - len(judged), "implementation": "vdit.eval.physics",
-            "original": "vdit trajectory physics on procedural scenes (EVAL.md B2)", "exact": True}
-    return {"per_video": per_video, "metrics": metrics}
+    metrics_out: dict[str, Any] = {}
+    for name, agg in out["metrics"].items():
+        if name == "physics":
+            prov = {k: agg[k] for k in ("implementation", "original", "exact")}
+            checks = {"all": {"pass_rate": agg["value"], "count": agg["count"], "not_evaluable": agg["not_evaluable"]},
+                      **agg["checks"]}
+            for check, r in checks.items():
+                metrics_out[f"physics/{check}_pass_rate"] = {
+                    "mean": r["pass_rate"], "value": r["pass_rate"], "count": r["count"],
+                    "not_evaluable": r["not_evaluable"], **({"mean_error": r["mean_error"]} if "mean_error" in r else {}),
+                    **prov}
+            metrics_out["physics/scenes"] = {"value": agg["scenes"], **prov}
+        else:
+            metrics_out[name] = {"mean": agg["value"], **agg}
+    return {"per_video": per_video, "metrics": metrics_out}
 
 
 def evaluate_model(cfg, model: torch.nn.Module, text_encoder, vae, step: int, run_dir: str, device: torch.device,
@@ -109,7 +123,7 @@ def evaluate_model(cfg, model: torch.nn.Module, text_encoder, vae, step: int, ru
     model.train(was_training)
     out_dir = os.path.join(run_dir, "samples", f"step-{step}")
     paths = write_samples(out_dir, videos, prompts, fps)
-    scores = score_videos([to_uint8_video(v) for v in videos], params)
+    scores = score_videos([to_uint8_video(v) for v in videos], params, fps)
     result = {
         "step": step,
         "metrics": scores["metrics"],

@@ -191,10 +191,13 @@ def _provenance(name: str, results: list[MetricResult]) -> dict[str, Any]:
 def aggregate(name: str, results: list[MetricResult], prompts: list[str | None] | None = None) -> dict[str, Any]:
     """Per-set value of metric ``name`` from its per-video results (module doc)."""
     kind = REGISTRY[name].aggregate if name in REGISTRY else "mean"
+    missing = sum(1 for r in results if r.details.get("placeholder"))
     vals = [r.value for r in results]
     ok = [v for v in vals if v is not None]
-    out: dict[str, Any] = {"value": None, "count": len(ok), "not_evaluable": len(vals) - len(ok),
+    out: dict[str, Any] = {"value": None, "count": len(ok), "not_evaluable": len(vals) - len(ok) - missing,
                            **_provenance(name, results)}
+    if missing:
+        out["missing_inputs"] = missing  # videos without the inputs this metric needs
     if kind == "static_mean" and prompts is not None:
         kept, per_prompt = [], {}
         for r, p in zip(results, prompts):
