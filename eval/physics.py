@@ -126,7 +126,8 @@ def gravity_check(video: np.ndarray, params: SceneParams, fps: float | None = No
     g_true = float(params.gravity)
     fits = []
     for k in range(len(params.balls)):
-        for seg in _ball_segments(centroids, k, floor_line - radii[k], scale, min_len):
+        for seg in _ball_segments(centroids, k, floor_line - radii[k], scale, min_len,
+                                  typical=params.gravity * sy / fps ** 2):
             t = seg / fps
             coef, rmse, info = _fit_parabola(t, centroids[seg, k, 1])
             fits.append((k, seg, coef, rmse, info))
@@ -212,7 +213,8 @@ def energy_check(video: np.ndarray, params: SceneParams, fps: float | None = Non
     for k in range(len(params.balls)):
         contact_y = floor_line - radii[k]
         y = centroids[:, k, 1]
-        segs = _ball_segments(centroids, k, contact_y, scale, 1)
+        segs = _ball_segments(centroids, k, contact_y, scale, 1,
+                              typical=params.gravity * video.shape[1] / params.height / fps ** 2)
         heights, observed = [], []  # best estimate (upper) and observed highest point (lower bound)
         g_px = params.gravity * video.shape[1] / params.height  # px/s^2 of the video
         for j, seg in enumerate(segs):
@@ -463,7 +465,11 @@ def order_check(video: np.ndarray, params: SceneParams, *, min_px: float = 2.0,
             if params.walls:
                 near[:, b] |= (x - radii[b] < 0.5 + scale) | (x + radii[b] > W - 1.5 - scale)
         for f in detect_bounces(y, 1.0 * scale):
-            near[max(0, f - 1):f + 2, b] = True
+            # Only floor bounces (the frame lies within one frame's travel of the floor); a swap
+            # in mid-air also looks like a "bounce" to detect_bounces and must stay judged.
+            step = np.nanmax(np.abs(np.diff(y[max(0, f - 1):f + 2]))) if T > 1 else 0.0
+            if np.isfinite(y[f]) and y[f] >= floor_line - radii[b] - 1.5 * step - max(scale, 0.75):
+                near[max(0, f - 1):f + 2, b] = True
     swapped, max_gain, judged = [], 0.0, False
     for i in range(1, T - 2):
         cost = cost_sw = 0.0

@@ -142,7 +142,7 @@ def _kinks(w: np.ndarray, threshold: float, expected: float = 0.0) -> list[int]:
     return out
 
 
-def detect_bounces(y: np.ndarray, min_kink_px: float = 1.0) -> list[int]:
+def detect_bounces(y: np.ndarray, min_kink_px: float = 1.0, typical: float | None = None) -> list[int]:
     """Frames next to an impulse that reverses the vertical motion (bounces).
 
     Floor bounces: frame ``i`` is a local maximum of y (lowest point in image coordinates),
@@ -160,6 +160,9 @@ def detect_bounces(y: np.ndarray, min_kink_px: float = 1.0) -> list[int]:
     apexes of correct ballistic flights (second difference g / fps^2) never count. Without this,
     an upside-down clip would be fitted across its rebounds and could look like downward gravity.
 
+    ``typical`` (px/frame^2) replaces that median when the expected free-flight change is known
+    (the scene's g / fps^2): at low fps flights last a few frames and the median is unreliable.
+
     NaN frames are skipped (neighbours are the nearest finite frames).
 
     Args:
@@ -174,7 +177,9 @@ def detect_bounces(y: np.ndarray, min_kink_px: float = 1.0) -> list[int]:
     v = y[idx]
     if len(v) < 3:
         return []
-    floor = _kinks(v, min_kink_px)
+    # Free flight raises the per-frame velocity by g / fps^2; with that known (``typical``), a floor
+    # contact between the last two frames shows as a smaller rise too.
+    floor = _kinks(v, min_kink_px, expected=typical or 0.0)
     # Typical free-flight velocity change per frame: median second difference away from the
     # floor bounces (second difference j involves frames j..j+2).
     near = np.zeros(len(v), bool)
@@ -182,14 +187,18 @@ def detect_bounces(y: np.ndarray, min_kink_px: float = 1.0) -> list[int]:
         near[max(0, j - 1):j + 2] = True
     dd = np.diff(v, 2)
     clean = dd[~(near[:-2] | near[1:-1] | near[2:])]
-    typical = max(float(np.median(clean)), 0.0) if clean.size else 0.0
+    if typical is None:
+        if clean.size < 3:  # short flights (low fps): every window touches a bounce; bounces are
+            clean = dd      # rare among the second differences, so their median is still flight's
+        typical = max(float(np.median(clean)), 0.0) if clean.size else 0.0
     ceiling = _kinks(-v, min_kink_px, expected=-typical)
     return sorted(int(idx[j]) for j in set(floor) | set(ceiling))
 
 
 def split_flight_segments(y: np.ndarray, bounce_frames: list[int] | None = None, *,
                           contact_y: float | None = None, rest_tol: float = 0.5,
-                          min_len: int = 1, min_kink_px: float = 1.0) -> list[np.ndarray]:
+                          min_len: int = 1, min_kink_px: float = 1.0,
+                          typical: float | None = None) -> list[np.ndarray]:
     """Split a vertical trajectory into free flights between bounces.
 
     The bounce frames themselves are left out (the contact happens within a frame of them, so they
@@ -211,7 +220,7 @@ def split_flight_segments(y: np.ndarray, bounce_frames: list[int] | None = None,
     y = np.asarray(y, np.float64)
     T = len(y)
     if bounce_frames is None:
-        bounce_frames = detect_bounces(y, min_kink_px)
+        bounce_frames = detect_bounces(y, min_kink_px, typical)
     cut = np.zeros(T, bool)
     cut[[b for b in bounce_frames if 0 <= b < T]] = True
     if contact_y is not None:
@@ -242,8 +251,8 @@ def _fit_parabola(t: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, floa
 
 
 def _ball_segments(centroids: np.ndarray, k: int, contact_y: float, scale: float,
-                   min_len: int) -> list[np.ndarray]:
+                   min_len: int, typical: float | None = None) -> list[np.ndarray]:
     # Resting balls sit within a fraction of a pixel of contact_y; mp4 coding near the floor edge
     # biases their centroid by up to ~0.3 px, hence a tolerance of 1 px (at least 0.75 px).
     return split_flight_segments(centroids[:, k, 1], contact_y=contact_y, rest_tol=max(scale, 0.75),
-                                 min_len=min_len, min_kink_px=1.0 * scale)
+                                 min_len=min_len, min_kink_px=1.0 * scale, typical=typical)
