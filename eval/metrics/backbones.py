@@ -75,20 +75,33 @@ def clip_preprocess(frames: np.ndarray, size: int = 224) -> torch.Tensor:
 
 
 class PixelBackbone:
-    """Weight-free features: 16 x 16 average-pooled RGB of the preprocessed frame, standardised
-    per frame (zero mean, unit variance), so cosine similarity ignores global brightness and
-    contrast and drops sharply at a scene cut. Not VBench's network (``exact = False``)."""
+    """Weight-free features, half layout and half colour, so a cosine similarity reads as
+    (cos_layout + cos_colour) / 2:
 
-    name = "pixel16_zscore"
+    - layout: ``grid x grid`` average-pooled RGB of the preprocessed frame, standardised per frame
+      (zero mean, unit variance): ignores global brightness and contrast;
+    - colour: per-channel 16-bin histograms of the preprocessed values over [-2.2, 2.7]
+      (normalised, square-rooted: the Hellinger embedding), robust to motion inside the frame.
+
+    A scene cut changes both; a pan changes mostly the layout. Not VBench's network
+    (``exact = False``); numbers are comparable only between runs of this backbone.
+    """
+
+    name = "pixel_layout8_colour16"
     exact = False
 
-    def __init__(self, grid: int = 16) -> None:
-        self.grid = int(grid)
+    def __init__(self, grid: int = 8, bins: int = 16) -> None:
+        self.grid, self.bins = int(grid), int(bins)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        f = F.adaptive_avg_pool2d(x.double(), self.grid).flatten(1)  # (N, 3 * grid * grid)
-        f = f - f.mean(dim=1, keepdim=True)
-        return f / f.std(dim=1, keepdim=True).clamp_min(1e-12)
+        x = x.double()
+        g = F.adaptive_avg_pool2d(x, self.grid).flatten(1)  # (N, 3 * grid * grid)
+        g = g - g.mean(dim=1, keepdim=True)
+        g = F.normalize(g / g.std(dim=1, keepdim=True).clamp_min(1e-12), dim=1)
+        h = torch.stack([torch.cat([torch.histc(frame[c], self.bins, -2.2, 2.7) for c in range(3)])
+                         for frame in x])  # (N, 3 * bins)
+        h = F.normalize((h / h.sum(dim=1, keepdim=True).clamp_min(1e-12)).sqrt(), dim=1)
+        return torch.cat([g, h], dim=1) / 2 ** 0.5
 
 
 def _shape_is(cfg, hidden: int, patch: int, layers: int) -> bool:
