@@ -74,7 +74,8 @@ def score_videos(videos: list[np.ndarray], params: list[SceneParams | None], fps
 
     Returns ``{"per_video": [{name: value, "physics": report}], "metrics": {name: {"mean", "value",
     "count", "not_evaluable", ...provenance}}}``; trajectory checks appear as
-    ``physics/<check>_pass_rate`` and ``physics/all_pass_rate`` (``mean`` None when not evaluable).
+    ``physics/<check>_pass_rate``, ``physics/all_pass_rate`` and ``physics/scene_<type>_pass_rate``
+    (``mean`` None when nothing was evaluable). Every entry has ``mean``.
     """
     from vdit.eval.metrics.registry import Inputs, score_set
 
@@ -85,9 +86,10 @@ def score_videos(videos: list[np.ndarray], params: list[SceneParams | None], fps
     per_video = []
     for row in out["videos"]:
         row = dict(row)
-        if "physics" in row:
-            row["physics"] = row.pop("physics_details", None) if row["physics"] is not None or \
-                "physics_details" in row else None
+        details = row.pop("physics_details", None)
+        row.pop("physics", None)
+        if details is not None:  # the full report for videos with a scene (as before)
+            row["physics"] = details
         per_video.append(row)
     metrics_out: dict[str, Any] = {}
     for name, agg in out["metrics"].items():
@@ -100,7 +102,10 @@ def score_videos(videos: list[np.ndarray], params: list[SceneParams | None], fps
                     "mean": r["pass_rate"], "value": r["pass_rate"], "count": r["count"],
                     "not_evaluable": r["not_evaluable"], **({"mean_error": r["mean_error"]} if "mean_error" in r else {}),
                     **prov}
-            metrics_out["physics/scenes"] = {"value": agg["scenes"], **prov}
+            for scene, r in agg["scenes"].items():
+                metrics_out[f"physics/scene_{scene}_pass_rate"] = {
+                    "mean": r["pass_rate"], "value": r["pass_rate"], "count": r["count"],
+                    "not_evaluable": r["not_evaluable"], "checks": r["checks"], **prov}
         else:
             metrics_out[name] = {"mean": agg["value"], **agg}
     return {"per_video": per_video, "metrics": metrics_out}

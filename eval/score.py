@@ -106,7 +106,7 @@ def videos_main(argv: list[str]) -> int:
     ap.add_argument("--reference", default=None, help="folder of real videos (Physics-IQ layout or same names)")
     ap.add_argument("--metrics", default="all", help=f"comma-separated names or 'all'; known: {','.join(REGISTRY)}")
     ap.add_argument("--weights", action="append", default=[], metavar="KEY=PATH",
-                    help="local weights: dino, clip, clip_l14, aesthetic_head, musiq, raft")
+                    help="local weights: dino, clip, clip_l14, aesthetic_head, musiq, raft, i3d")
     ap.add_argument("--fps", type=float, default=None, help="override the fps read from the files")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None, help="write the JSON here as well")

@@ -74,3 +74,17 @@ def test_missing_i3d_path_names_metric_and_setting(tmp_path):
         load_i3d(str(tmp_path / "nope.pt"))
     with pytest.raises(MissingWeightsError, match="fvd"):
         load_i3d(None)
+
+
+def test_fvd_through_the_registry(tmp_path):
+    from vdit.eval.metrics.registry import Inputs, score_set
+
+    path = tmp_path / "i3d.pt"
+    torch.jit.script(MeanPool()).save(str(path))
+    rng = np.random.default_rng(4)
+    vids = [rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8) for _ in range(3)]
+    items = [Inputs(v, 8.0, reference=v) for v in vids]
+    out = score_set(items, "all", weights={"i3d": str(path)})
+    assert out["metrics"]["fvd"]["value"] == pytest.approx(0.0, abs=1e-6) and out["metrics"]["fvd"]["count"] == 3
+    assert "kvd" in out["metrics"]
+    assert "i3d" in score_set(items[:1], "all")["skipped"]["fvd"]

@@ -18,8 +18,9 @@ what it ``needs``: ``prompt``, ``scene`` (SceneParams), ``reference`` (real vide
 
 Set results: ``{"value", "count" (evaluable videos), "not_evaluable", "implementation",
 "original", "exact", ...}``. ``exact`` is True only when every contributing video's result was.
-Weights are never downloaded: ``weights`` maps keys (``dino``, ``clip``, ``clip_l14``,
-``aesthetic_head``, ``musiq``, ``raft``, ``i3d``) to local paths.
+Set-level metrics (:data:`SET_METRICS`: ``fvd``, ``kvd``) compare the generated set with the
+reference videos and need ``weights["i3d"]``. Weights are never downloaded: ``weights`` maps keys
+(``dino``, ``clip``, ``clip_l14``, ``aesthetic_head``, ``musiq``, ``raft``, ``i3d``) to local paths.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from vdit.eval.metrics import consistency, flicker, motion, physics_iq
 from vdit.eval.metrics.base import MetricResult
 from vdit.eval.metrics.flow import FlowCache
 
-__all__ = ["MetricSpec", "Inputs", "Backends", "REGISTRY", "WEIGHT_FREE", "available", "score_video",
+__all__ = ["MetricSpec", "Inputs", "Backends", "REGISTRY", "WEIGHT_FREE", "SET_METRICS", "available", "score_video",
            "aggregate", "score_set"]
 
 
@@ -160,6 +161,27 @@ REGISTRY: dict[str, MetricSpec] = {s.name: s for s in [
 
 WEIGHT_FREE = [n for n, s in REGISTRY.items() if not s.weights]
 
+# Set-level metrics: compare the generated set with the set of reference videos (no per-video value).
+SET_METRICS = {"fvd": "FVD (I3D features, Frechet distance)", "kvd": "KVD (I3D features, polynomial MMD^2)"}
+
+
+def _set_metric(name: str, items: list[Inputs], weights: dict[str, str], device: str) -> dict[str, Any]:
+    from vdit.eval.metrics import distribution
+
+    real = [it.reference for it in items if it.reference is not None]
+    model = distribution.load_i3d(weights.get("i3d"), device)
+    r = getattr(distribution, name)(real, [it.video for it in items], model)
+    return {"value": r.value, "count": len(items), "not_evaluable": 0, "implementation": r.implementation,
+            "original": r.original, "exact": r.exact, **r.details}
+
+
+def _set_available(name: str, items: list[Inputs], weights: dict[str, str]) -> str | None:
+    if not weights.get("i3d"):
+        return "needs local weights: --weights i3d=PATH (TorchScript I3D)"
+    if sum(it.reference is not None for it in items) < 2 or len(items) < 2:
+        return "needs >= 2 generated and >= 2 reference videos"
+    return None
+
 
 def available(name: str, inputs: Inputs, weights: dict[str, str]) -> str | None:
     """None when ``name`` can run on ``inputs`` with ``weights``; else the reason it cannot."""
@@ -233,7 +255,9 @@ def _video_row(results: dict[str, MetricResult]) -> dict[str, Any]:
     row: dict[str, Any] = {}
     for n, r in results.items():
         row[n] = r.value
-        if n == "physics":
+        if r.details.get("placeholder"):
+            row.setdefault("missing_inputs", {})[n] = r.details["reason"]
+        elif n == "physics":
             row["physics_details"] = r.details
         elif n == "physics_iq":
             row["physics_iq_details"] = {k: v for k, v in r.details.items() if k != "record"}
@@ -255,8 +279,15 @@ def score_set(items: list[Inputs], names: list[str] | str, weights: dict[str, st
     """
     weights = dict(weights or {})
     skipped: dict[str, str] = {}
+    set_names: list[str] = []
     if names == "all":
         names = []
+        for n in SET_METRICS:
+            reason = _set_available(n, items, weights)
+            if reason:
+                skipped[n] = reason
+            else:
+                set_names.append(n)
         for n, spec in REGISTRY.items():
             reasons = [available(n, it, weights) for it in items] or ["no videos"]
             if all(reasons):
@@ -264,9 +295,15 @@ def score_set(items: list[Inputs], names: list[str] | str, weights: dict[str, st
             elif spec.in_all:
                 names.append(n)
     else:
-        unknown = [n for n in names if n not in REGISTRY]
+        unknown = [n for n in names if n not in REGISTRY and n not in SET_METRICS]
         if unknown:
-            raise KeyError(f"unknown metric(s) {unknown}; registered: {sorted(REGISTRY)}")
+            raise KeyError(f"unknown metric(s) {unknown}; registered: {sorted(REGISTRY) + sorted(SET_METRICS)}")
+        set_names = [n for n in names if n in SET_METRICS]
+        names = [n for n in names if n in REGISTRY]
+        for n in set_names:
+            reason = _set_available(n, items, weights)
+            if reason:
+                raise ValueError(f"metric {n!r} cannot run: {reason}")
     backends = Backends(weights, device)
     per_name: dict[str, list[MetricResult]] = {n: [] for n in names}
     rows, prompts = [], []
@@ -289,4 +326,7 @@ def score_set(items: list[Inputs], names: list[str] | str, weights: dict[str, st
         prompts.append(it.prompt)
     use_prompts = prompts if any(p is not None for p in prompts) else None
     metrics = {n: aggregate(n, per_name[n], use_prompts) for n in names}
+    ok_items = [it for it, row in zip(items, rows) if row is not None]
+    for n in set_names:
+        metrics[n] = _set_metric(n, ok_items, weights, device)
     return {"metrics": metrics, "videos": rows, "skipped": skipped}
