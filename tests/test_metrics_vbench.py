@@ -131,13 +131,14 @@ def test_static_filter_rule_by_hand():
     two = {(3, 4): 1.0, (9, 10): 1.0}
     r = _run(static_filter, T, 64, two)
     assert r.details["thres"] == 0.75 and r.details["count_num"] == 2
-    assert r.value == 1.0  # two exceed: budget 2 -> 0, not below 0; ends 0 <= 0.75 * 0 * 2
+    assert r.value == 1.0  # two exceed: at most count_num
     three = {**two, (12, 13): 1.0}
-    assert _run(static_filter, T, 64, three).value == 0.0  # budget -> -1
-    # The end pairs are judged with the budget the loop leaves: one exceedance leaves 1 -> 1.5 px.
-    assert _run(static_filter, T, 64, {(3, 4): 1.0, (0, 15): 1.4}).value == 1.0
-    assert _run(static_filter, T, 64, {(3, 4): 1.0, (0, 15): 1.6}).value == 0.0
-    assert _run(static_filter, T, 64, {(3, 4): 1.0, (9, 10): 1.0, (15, 0): 0.1}).value == 0.0  # budget 0
+    assert _run(static_filter, T, 64, three).value == 0.0  # three > count_num
+    # The first/last pairs: <= thres * count_num * 2 = 3.0 px, whatever the consecutive pairs did.
+    assert _run(static_filter, T, 64, {**two, (0, 15): 2.9}).value == 1.0
+    assert _run(static_filter, T, 64, {(15, 0): 3.1}).value == 0.0
+    # T = 4: count_num = round(0.5) = 0 -> any first/last motion (> 0) is not static.
+    assert _run(static_filter, 4, 64, {(0, 3): 0.01}).value == 0.0
 
 
 def test_dynamic_degree_rule_by_hand():
@@ -145,7 +146,7 @@ def test_dynamic_degree_rule_by_hand():
     # 64 x 64: thres = 1.5.
     r = _run(dynamic_degree, 16, 64, {(0, 3): 2.0}, fps=24.0)
     assert r.details["frames"] == [0, 3, 6, 9, 12, 15] and r.details["count_num"] == 2
-    assert r.details["thres"] == 1.5 and r.value == 0.0  # one pair above: 2 -> 1
+    assert r.details["thres"] == 1.5 and r.value == 0.0  # one pair above, count_num 2
     assert _run(dynamic_degree, 16, 64, {(0, 3): 2.0, (9, 12): 2.0}, fps=24.0).value == 1.0
     # fps 4: round(0.5) = 0 -> step max(1, 0) = 1.
     assert _run(dynamic_degree, 8, 64, {}, fps=4.0).details["frames"] == list(range(8))

@@ -4,13 +4,12 @@ Sources (Vchitect/VBench, Apache-2.0; independent implementations of the rules E
 
 - ``vbench/static_filter.py``: pairs = every consecutive pair, then (first, last) and (last,
   first); per pair the mean of the top 2 % flow magnitudes; thres = 3 * min(H, W) / 256,
-  count_num = round(2 T / 16). Walking the consecutive pairs, each score above thres uses up one
-  of count_num; more than count_num -> not static. Then each of the two first/last pairs must be
-  <= thres * (remaining count_num) * 2 (the count the loop leaves behind, as in the original).
+  count_num = round(2 T / 16). Static when at most count_num consecutive pairs score above thres
+  and each of the two first/last pairs scores <= thres * count_num * 2.
 - ``vbench/dynamic_degree.py``: keep every max(1, round(fps / 8))-th frame (N frames); per pair
   the mean of the top 5 % magnitudes; thres = 6 * min(H, W) / 256, count_num = round(4 N / 16);
-  walking the pairs, each score above thres decrements count_num and the video is dynamic as
-  soon as count_num <= 0 (checked after every pair, so count_num = 0 means dynamic).
+  walking the pairs, the video is dynamic as soon as the number of pairs above thres reaches
+  count_num (checked after every pair, so count_num = 0 means dynamic).
 - ``vbench/motion_smoothness.py``: keep frames 0, 2, 4, ...; re-create each odd frame 2k+1 by
   interpolating frames 2k and 2k+2 (VBench: the AMT-S network); score = (255 - mean over the
   re-created frames of the mean uint8 absolute error) / 255. Ours interpolates by warping both
@@ -67,15 +66,8 @@ def static_filter(video: np.ndarray, fps: float | None = None, *, cache: FlowCac
         max_flow = max(max_flow, float(flow_magnitude(f).max()))
     thres = 3.0 * min(H, W) / 256.0
     count_num = round(2 * T / 16.0)
-    budget, static = count_num, True
-    for s in scores[:-2]:
-        if s > thres:
-            budget -= 1
-        if budget < 0:
-            static = False
-            break
-    if static:
-        static = all(s <= thres * budget * 2 for s in scores[-2:])
+    exceed = sum(s > thres for s in scores[:-2])
+    static = exceed <= count_num and all(s <= thres * count_num * 2 for s in scores[-2:])
     return MetricResult(
         name="static_filter", value=1.0 if static else 0.0, implementation=_IMPL + "static_filter",
         original="VBench static_filter (RAFT raft-things)", exact=bool(getattr(c.backend, "exact", False)),
@@ -110,11 +102,10 @@ def dynamic_degree(video: np.ndarray, fps: float, *, cache: FlowCache | None = N
     H, W = video.shape[1:3]
     thres = 6.0 * min(H, W) / 256.0
     count_num = round(4 * len(idx) / 16.0)
-    budget, dynamic = count_num, False
+    count, dynamic = 0, False
     for s in scores:
-        if s > thres:
-            budget -= 1
-        if budget <= 0:
+        count += s > thres
+        if count >= count_num:
             dynamic = True
             break
     max_flow = max((float(flow_magnitude(c(a, b, padded=True)).max()) for a, b in zip(idx[:-1], idx[1:])),
