@@ -1,7 +1,7 @@
 """Evaluation inside training: sample prompts, write mp4s and a contact sheet, score, save JSON.
 
 Called by the Trainer every ``eval.every`` steps and at the end of training. Output per step N:
-``{run_dir}/samples/step-N/*.mp4``, ``contact_sheet.png``, ``prompts.json`` and
+``{run_dir}/samples/step-N/*.mp4``, ``contact_sheet.png``, ``prompts.json``, ``scenes.json`` and
 ``{run_dir}/eval/step-N.json`` with per-video scores and per-checkpoint means (with counts).
 """
 
@@ -128,6 +128,8 @@ def evaluate_model(cfg, model: torch.nn.Module, text_encoder, vae, step: int, ru
     model.train(was_training)
     out_dir = os.path.join(run_dir, "samples", f"step-{step}")
     paths = write_samples(out_dir, videos, prompts, fps)
+    with open(os.path.join(out_dir, "scenes.json"), "w") as f:  # lets `vdit-eval videos` rerun the physics checks
+        json.dump({os.path.basename(q): p.to_json() for q, p in zip(paths, params) if p is not None}, f, indent=2)
     scores = score_videos([to_uint8_video(v) for v in videos], params, fps)
     result = {
         "step": step,

@@ -10,7 +10,8 @@ Run:
 
 Inputs: ``--prompts`` a JSON list of ``{"prompt", "path"}`` (as ``prompts.json`` of a samples
 folder, used automatically when present) or ``{file name: prompt}``; ``--scenes`` a JSON
-``{file name: SceneParams JSON}`` (or one SceneParams for a single video); ``--reference`` a folder
+``{file name: SceneParams JSON}`` (or one SceneParams for a single video; a samples folder's
+``scenes.json`` is used automatically); ``--reference`` a folder
 of real videos: the Physics-IQ benchmark's layout (``{ID}_testing-videos_{fps}FPS_perspective-{view}
 _take-{1|2}_{scenario}.mp4``; generated files named ``{ID}_perspective-{view}_{scenario}.mp4``,
 matched by the take-1 ID) gives the Physics-IQ score; otherwise files are matched by name and
@@ -61,8 +62,12 @@ def _load_prompts(path: str | None, files: list[str]) -> dict[str, str]:
 
 
 def _load_scenes(path: str | None, files: list[str]) -> dict[str, SceneParams]:
-    if path is None:
-        return {}
+    if path is None:  # a samples folder written by training carries scenes.json
+        folders = {os.path.dirname(f) for f in files}
+        auto = [os.path.join(d, "scenes.json") for d in folders if os.path.exists(os.path.join(d, "scenes.json"))]
+        if len(auto) != 1:
+            return {}
+        path = auto[0]
     with open(path) as f:
         raw = json.load(f)
     if "balls" in raw:  # one SceneParams for a single video

@@ -89,3 +89,8 @@ def test_nothing_readable_returns_1(tmp_path):
     bad = tmp_path / "x.mp4"
     bad.write_bytes(b"nope")
     assert score.main(["videos", str(bad)]) == 1
+
+
+def test_samples_folder_scenes_json_is_picked_up(folder, capsys):
+    out = run(["videos", str(folder), "--metrics", "physics"], capsys)  # no --scenes: the folder's scenes.json
+    assert out["metrics"]["physics"]["count"] + out["metrics"]["physics"]["not_evaluable"] == 3
