@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                           float(cfg_scale), float(shift), e.seed, dev, solver=solver)
         write_samples(os.path.join(args.run_dir, "probe", spec.replace(":", "_")), videos, prompts,
                       d.target_fps or 8.0)
-        metrics = score_videos([to_uint8_video(v) for v in videos], params, kinds)["metrics"]
+        metrics = score_videos([to_uint8_video(v) for v in videos], params, d.target_fps, metrics=[], kinds=kinds)["metrics"]
         row = {k: None if m["mean"] is None else round(m["mean"], 3) for k, m in metrics.items() if k.startswith("gen/")}
         report["samplers"][spec] = row
         print(spec, json.dumps(row))
