@@ -32,7 +32,8 @@ TextFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 @torch.no_grad()
 def generate(model: torch.nn.Module, encode_text: TextFn, vae: Autoencoder, prompts: list[str], num_frames: int,
              height: int, width: int, num_steps: int = 20, cfg_scale: float = 1.0, flow_shift: float = 1.0,
-             seed: int = 0, device: torch.device | str = "cpu", solver: str = "euler") -> torch.Tensor:
+             seed: int = 0, device: torch.device | str = "cpu", solver: str = "euler",
+             callback: Callable | None = None) -> torch.Tensor:
     """Sample one video per prompt.
 
     Integrates the learned velocity from noise (t = 1) to data (t = 0) with ``num_steps`` steps of
@@ -43,6 +44,8 @@ def generate(model: torch.nn.Module, encode_text: TextFn, vae: Autoencoder, prom
 
     Args:
         num_frames, height, width: pixel-space clip size (frames, pixels).
+        callback: passed to :func:`vdit.model.flow.sample_ode` (``(i, x, t, v)`` before step ``i``,
+            latents with the guided velocity), e.g. to look at ``x_t - t v`` along the trajectory.
 
     Returns:
         float32 ``(B, 3, T, H, W)`` in [-1, 1] (decoded by ``vae``), on CPU.
@@ -64,7 +67,7 @@ def generate(model: torch.nn.Module, encode_text: TextFn, vae: Autoencoder, prom
         v = model(torch.cat([x, x]), torch.cat([t, t]), text, mask)  # (2B, C, T', H', W')
         return flow.cfg_combine(*v.chunk(2), cfg_scale)
 
-    x0 = flow.sample_ode(velocity, noise, num_steps, shift=flow_shift, solver=solver)
+    x0 = flow.sample_ode(velocity, noise, num_steps, shift=flow_shift, solver=solver, callback=callback)
     return vae.decode(x0).float().clamp(-1, 1).cpu()
 
 
