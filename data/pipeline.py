@@ -76,6 +76,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vdit.data.buckets import BucketConfig, Buckets
 from vdit.data.decode import DecodeError, VideoDecoder
 from vdit.data.latents import LatentSampleError, is_latent_dir, is_latent_sample, read_encode_meta, read_latent_sample
+from vdit.data.split import sample_in_split
 from vdit.data.shards import ShardReadSpec, epoch_shard_order, expand_shards, read_shard, slot_shards
 from vdit.data.transforms import clip_to_uint8, to_model_range
 
@@ -103,9 +104,12 @@ class SlotState:
 
 @dataclass
 class ClipSpec:
-    """What a clip must look like: frames, pixels, temporal sampling, randomness.
+    """What a clip must look like: frames, pixels, temporal sampling, randomness, and which clips.
 
     ``num_frames``/``height``/``width`` are the fixed shape when no buckets are given.
+    ``split`` (``all`` | ``train`` | ``val``) with ``held_out_fraction`` keeps only the clips of that
+    side of the per-source hash split (:func:`vdit.data.split.sample_in_split`); a clip of the other side
+    is passed over silently (not counted as skipped), so training never sees a validation clip.
     """
 
     num_frames: int
@@ -116,6 +120,8 @@ class ClipSpec:
     random_crop: bool = False
     shuffle: bool = True
     seed: int = 0
+    split: str = "all"
+    held_out_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -239,6 +245,8 @@ class _Slot:
         if raw is None:
             skipped["missing_on_reread"] += 1
             return None
+        if not sample_in_split(raw, self.spec.split, self.spec.held_out_fraction):
+            return None  # the other side of the train/val split
         if self.latent.only or is_latent_sample(raw):
             return self._prepare_latent(item, raw, skipped)
         key = raw.get("__key__", "?")

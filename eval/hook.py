@@ -1,43 +1,117 @@
 """Evaluation inside training: sample prompts, write mp4s and a contact sheet, score, save JSON.
 
 Called by the Trainer every ``eval.every`` steps and at the end of training. Output per step N:
-``{run_dir}/samples/step-N/*.mp4``, ``contact_sheet.png``, ``prompts.json`` and
+``{run_dir}/samples/step-N/*.mp4``, ``contact_sheet.png``, ``prompts.json``, ``scenes.json`` and
 ``{run_dir}/eval/step-N.json`` with per-video scores and per-checkpoint means (with counts).
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 import os
 import re
+from collections import Counter
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from vdit.data.shards import expand_shards, read_shard
+from vdit.data.split import in_split, source_id
 from vdit.data.synthetic import SceneParams, caption, random_scene
 from vdit.data.transforms import to_uint8_video
 from vdit.data.video_io import write_mp4
-from vdit.eval.metrics.flicker import temporal_flickering
-from vdit.eval.physics import physics_checks
+from vdit.eval.fidelity import rescale_scene, scene_fidelity, summarize_fidelity
 from vdit.eval.report import contact_sheet
 from vdit.eval.sample import generate
 
+log = logging.getLogger(__name__)
+
+# The two kinds of physics prompt (EvalConfig.num_train_physics_prompts / num_physics_prompts).
+TRAIN_CAPTIONS, NEW_SCENES = "train_captions", "new_scenes"
+
+
+def _combo(params: SceneParams) -> tuple:
+    """The colour combination a caption names: (background, floor, sorted ball colours)."""
+    return params.background, params.floor, tuple(sorted(b.color for b in params.balls))
+
+
+@functools.lru_cache(maxsize=4)
+def training_scenes(shards: str, val_fraction: float = 0.0, max_shards: int = 64) -> tuple[tuple[str, SceneParams], ...]:
+    """``(caption, params)`` of the procedural clips in the training shards (renderer parameters in
+    the clip json, ``extra.synthetic``), in shard and key order; held-out clips excluded.
+
+    Reads at most ``max_shards`` shards (only their captions and json are used). Unreadable shards
+    and clips without parameters are passed over.
+    """
+    out = []
+    for url in expand_shards(shards)[:max_shards]:
+        for sample in read_shard(url, Counter()):
+            if sample.get("json") is None:
+                continue
+            try:
+                meta = json.loads(sample["json"])
+                if not in_split(source_id(sample.get("__key__", "?"), meta), "train", val_fraction):
+                    continue
+                params = (meta.get("extra") or {}).get("synthetic") or meta.get("synthetic")
+                if params:
+                    out.append((sample["txt"].decode("utf-8").strip(), SceneParams.from_json(params)))
+            except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+                continue
+    return tuple(out)
+
 
 def physics_prompts(num: int, seed: int, num_frames: int, height: int, width: int,
-                    fps: float) -> list[tuple[str, SceneParams]]:
+                    fps: float, avoid: set[tuple] | None = None) -> list[tuple[str, SceneParams]]:
     """``num`` procedural scenes sized like the training clips: ``(caption, params)`` pairs.
 
     The parameters are drawn by the synthetic renderer at the sample's resolution, frame count
     and fps (frames, pixels, frames per second), so the trajectory checks compare the generated
-    video with the physics the caption describes.
+    video with the physics the caption describes. Scenes whose colour combination (background,
+    floor, ball colours) is in ``avoid`` are re-drawn (up to 200 times each), so prompts built with
+    the training set's combinations in ``avoid`` test generalisation to new combinations.
     """
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(num):
-        params = random_scene(rng, height, width, num_frames, fps)
+        for _attempt in range(200):
+            params = random_scene(rng, height, width, num_frames, fps)
+            if not avoid or _combo(params) not in avoid:
+                break
         out.append((caption(params), params))
     return out
+
+
+def eval_prompts(cfg) -> tuple[list[str], list[SceneParams | None], list[str | None]]:
+    """The prompts an evaluation samples: ``(prompts, scene params or None, kind or None)``.
+
+    ``cfg.eval.prompts`` (no scene), then ``num_train_physics_prompts`` captions of procedural
+    training clips (kind ``train_captions``, scenes rescaled to the sample geometry), then
+    ``num_physics_prompts`` new renderer scenes whose colour combinations the training shards do
+    not contain (kind ``new_scenes``).
+    """
+    e, d = cfg.eval, cfg.data
+    fps = d.target_fps or 8.0
+    prompts, params, kinds = list(e.prompts), [None] * len(e.prompts), [None] * len(e.prompts)
+    seen = training_scenes(d.shards, d.val_fraction if not d.val_shards else 0.0) \
+        if (e.num_train_physics_prompts or e.num_physics_prompts) and d.shards else ()
+    if e.num_train_physics_prompts:
+        if len(seen) < e.num_train_physics_prompts:
+            log.warning("eval: %d training-caption physics prompts asked for, %d procedural clips found in %s",
+                        e.num_train_physics_prompts, len(seen), d.shards)
+        step = max(1, len(seen) // max(1, e.num_train_physics_prompts))  # spread over the shards
+        for text, p in list(seen)[::step][:e.num_train_physics_prompts]:
+            prompts.append(text)
+            params.append(rescale_scene(p, d.height, d.width, d.num_frames, fps))
+            kinds.append(TRAIN_CAPTIONS)
+    for text, p in physics_prompts(e.num_physics_prompts, e.physics_seed, d.num_frames, d.height, d.width, fps,
+                                   avoid={_combo(q) for _, q in seen}):
+        prompts.append(text)
+        params.append(p)
+        kinds.append(NEW_SCENES)
+    return prompts, params, kinds
 
 
 def _slug(text: str, n: int = 40) -> str:
@@ -59,37 +133,73 @@ def write_samples(out_dir: str, videos: torch.Tensor, prompts: list[str], fps: f
     return paths
 
 
-def score_videos(videos: list[np.ndarray], params: list[SceneParams | None]) -> dict[str, Any]:
-    """Score uint8 ``(T, H, W, 3)`` videos: temporal flickering for all, trajectory checks where params exist.
+# Weight-free metrics scored inside training (about 0.1 s per 16 x 32 x 32 video on one core).
+HOOK_METRICS = ["temporal_flickering", "temporal_flickering_all", "static_filter", "dynamic_degree",
+                "motion_magnitude", "motion_smoothness", "motion_jerk", "subject_consistency",
+                "background_consistency"]
 
-    Returns ``{"per_video": [...], "metrics": {name: {"mean", "count", ...provenance}}}``.
+
+def score_videos(videos: list[np.ndarray], params: list[SceneParams | None], fps: float | None = None,
+                 metrics: list[str] | None = None, kinds: list[str | None] | None = None) -> dict[str, Any]:
+    """Score uint8 ``(T, H, W, 3)`` videos with the registry's weight-free metrics, plus the
+    trajectory checks and the scene fidelity (:mod:`vdit.eval.fidelity`) where scene params exist.
+
+    Args:
+        fps: frames per second of the videos (default: the first scene's fps, else 8).
+        metrics: registry names (default :data:`HOOK_METRICS`).
+        kinds: per video, the prompt kind (``train_captions`` / ``new_scenes``, from
+            :func:`eval_prompts`) or None; fidelity means are reported over all physics prompts
+            (``gen/<key>``) and per kind (``gen/<kind>/<key>``).
+
+    Returns ``{"per_video": [{name: value, "physics": report}], "metrics": {name: {"mean", "value",
+    "count", "not_evaluable", ...provenance}}}``; trajectory checks appear as
+    ``physics/<check>_pass_rate``, ``physics/all_pass_rate`` and ``physics/scene_<type>_pass_rate``
+    (``mean`` None when nothing was evaluable). Every entry has ``mean``.
     """
-    per_video: list[dict[str, Any]] = []
-    flicker_vals, checks = [], {}
-    flicker_meta: dict[str, Any] = {}
-    for video, p in zip(videos, params):
-        row: dict[str, Any] = {}
-        fl = temporal_flickering(video)
-        flicker_meta = {k: v for k, v in fl.to_dict().items() if k in ("implementation", "original", "exact")}
-        row["temporal_flickering"] = fl.value
-        flicker_vals.append(fl.value)
+    from vdit.eval.metrics.registry import Inputs, score_set
+
+    if fps is None:
+        fps = next((p.fps for p in params if p is not None), 8.0)
+    names = list(HOOK_METRICS if metrics is None else metrics) + (["physics"] if any(p is not None for p in params) else [])
+    out = score_set([Inputs(v, fps, scene=p) for v, p in zip(videos, params)], names)
+    kinds = list(kinds) if kinds is not None else [None] * len(videos)
+    fidelity: dict[str | None, list[dict[str, Any]]] = {}
+    per_video = []
+    for row, video, p, kind in zip(out["videos"], videos, params, kinds):
+        row = dict(row)
+        details = row.pop("physics_details", None)
+        row.pop("physics", None)
+        if details is not None:  # the full report for videos with a scene (as before)
+            row["physics"] = details
         if p is not None:
-            phys = physics_checks(video, p)
-            row["physics"] = phys
-            for name, res in phys.items():
-                if isinstance(res, dict) and "passed" in res:
-                    checks.setdefault(name, []).append(res["passed"])
-            checks.setdefault("all", []).append(bool(phys["passed"]))
+            fid = scene_fidelity(video, p)
+            row["fidelity"] = {k: v for k, v in fid.items() if k not in ("implementation", "original", "exact")}
+            fidelity.setdefault(None, []).append(fid)
+            if kind is not None:
+                row["kind"] = kind
+                fidelity.setdefault(kind, []).append(fid)
         per_video.append(row)
-    metrics: dict[str, Any] = {
-        "temporal_flickering": {"mean": float(np.mean(flicker_vals)), "count": len(flicker_vals), **flicker_meta}}
-    for name, results in checks.items():
-        judged = [bool(r) for r in results if r is not None]  # None: nothing tracked, not evaluable
-        metrics[f"physics/{name}_pass_rate"] = {
-            "mean": float(np.mean(judged)) if judged else None, "count": len(judged),
-            "not_evaluable": len(results) - len(judged), "implementation": "vdit.eval.physics",
-            "original": "vdit trajectory physics on procedural scenes (EVAL.md B2)", "exact": True}
-    return {"per_video": per_video, "metrics": metrics}
+    metrics_out: dict[str, Any] = {}
+    for name, agg in out["metrics"].items():
+        if name == "physics":
+            prov = {k: agg[k] for k in ("implementation", "original", "exact")}
+            checks = {"all": {"pass_rate": agg["value"], "count": agg["count"], "not_evaluable": agg["not_evaluable"]},
+                      **agg["checks"]}
+            for check, r in checks.items():
+                metrics_out[f"physics/{check}_pass_rate"] = {
+                    "mean": r["pass_rate"], "value": r["pass_rate"], "count": r["count"],
+                    "not_evaluable": r["not_evaluable"], **({"mean_error": r["mean_error"]} if "mean_error" in r else {}),
+                    **prov}
+            for scene, r in agg["scenes"].items():
+                metrics_out[f"physics/scene_{scene}_pass_rate"] = {
+                    "mean": r["pass_rate"], "value": r["pass_rate"], "count": r["count"],
+                    "not_evaluable": r["not_evaluable"], "checks": r["checks"], **prov}
+        else:
+            metrics_out[name] = {"mean": agg["value"], **agg}
+    for kind, rows in fidelity.items():
+        for key, value in summarize_fidelity(rows).items():
+            metrics_out[f"gen/{key}" if kind is None else f"gen/{kind}/{key}"] = value
+    return {"per_video": per_video, "metrics": metrics_out}
 
 
 def evaluate_model(cfg, model: torch.nn.Module, text_encoder, vae, step: int, run_dir: str, device: torch.device,
@@ -100,23 +210,23 @@ def evaluate_model(cfg, model: torch.nn.Module, text_encoder, vae, step: int, ru
     """
     e, d = cfg.eval, cfg.data
     fps = d.target_fps or 8.0
-    physics = physics_prompts(e.num_physics_prompts, e.physics_seed, d.num_frames, d.height, d.width, fps)
-    prompts = list(e.prompts) + [c for c, _ in physics]
-    params: list[SceneParams | None] = [None] * len(e.prompts) + [p for _, p in physics]
+    prompts, params, kinds = eval_prompts(cfg)
     was_training = model.training
     videos = generate(model, encode_text, vae, prompts, d.num_frames, d.height, d.width, e.num_steps, e.cfg_scale,
-                      e.flow_shift, e.seed, device)  # (B, 3, T, H, W)
+                      e.flow_shift, e.seed, device, solver=e.solver)  # (B, 3, T, H, W)
     model.train(was_training)
     out_dir = os.path.join(run_dir, "samples", f"step-{step}")
     paths = write_samples(out_dir, videos, prompts, fps)
-    scores = score_videos([to_uint8_video(v) for v in videos], params)
+    with open(os.path.join(out_dir, "scenes.json"), "w") as f:  # lets `vdit-eval videos` rerun the physics checks
+        json.dump({os.path.basename(q): p.to_json() for q, p in zip(paths, params) if p is not None}, f, indent=2)
+    scores = score_videos([to_uint8_video(v) for v in videos], params, fps, kinds=kinds)
     result = {
         "step": step,
         "metrics": scores["metrics"],
         "videos": [{"prompt": p, "path": os.path.relpath(q, run_dir), **s}
                    for p, q, s in zip(prompts, paths, scores["per_video"])],
         "contact_sheet": os.path.relpath(os.path.join(out_dir, "contact_sheet.png"), run_dir),
-        "sampler": {"num_steps": e.num_steps, "cfg_scale": e.cfg_scale, "flow_shift": e.flow_shift,
+        "sampler": {"num_steps": e.num_steps, "solver": e.solver, "cfg_scale": e.cfg_scale, "flow_shift": e.flow_shift,
                     "seed": e.seed, "weights": "ema" if e.use_ema else "raw"},
     }
     os.makedirs(os.path.join(run_dir, "eval"), exist_ok=True)

@@ -2,12 +2,13 @@
 
 Run:
     vdit-sample --run-dir runs/quickstart --prompt "A red ball bounces on a gray floor." \
-        --num-steps 20 --cfg-scale 3 --seed 0
+        --num-steps 20 --solver heun --cfg-scale 3 --flow-shift 1 --seed 0
     vdit-sample --run-dir runs/quickstart --checkpoint runs/quickstart/checkpoints/step-00000400 \
         --prompts-file prompts.txt --no-ema --out /tmp/samples
     vdit-sample --weights runs/quickstart/export/step-400 --prompt "..."     # a vdit-export folder
 
 The model is rebuilt from the run's ``config.yaml``; EMA weights are used unless ``--no-ema``.
+Sampler settings (steps, solver, guidance, shift) default to the run's ``eval`` config.
 Writes one mp4 per prompt plus ``contact_sheet.png`` and ``prompts.json`` into ``--out``
 (default ``{run_dir}/samples/step-N``).
 """
@@ -31,16 +32,20 @@ TextFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 @torch.no_grad()
 def generate(model: torch.nn.Module, encode_text: TextFn, vae: Autoencoder, prompts: list[str], num_frames: int,
              height: int, width: int, num_steps: int = 20, cfg_scale: float = 1.0, flow_shift: float = 1.0,
-             seed: int = 0, device: torch.device | str = "cpu") -> torch.Tensor:
+             seed: int = 0, device: torch.device | str = "cpu", solver: str = "euler",
+             callback: Callable | None = None) -> torch.Tensor:
     """Sample one video per prompt.
 
-    Integrates the learned velocity from noise (t = 1) to data (t = 0) with ``num_steps`` Euler
-    steps on a schedule shifted by ``flow_shift``; with ``cfg_scale != 1`` each step also runs the
+    Integrates the learned velocity from noise (t = 1) to data (t = 0) with ``num_steps`` steps of
+    ``solver`` (``euler`` or ``heun``, :func:`vdit.model.flow.sample_ode`) on a schedule shifted by
+    ``flow_shift``; with ``cfg_scale != 1`` each step also runs the
     empty caption and combines ``v_uncond + cfg_scale (v_cond - v_uncond)``. Noise comes from a CPU
     generator seeded by ``seed``, so a prompt list gives the same videos on any device.
 
     Args:
         num_frames, height, width: pixel-space clip size (frames, pixels).
+        callback: passed to :func:`vdit.model.flow.sample_ode` (``(i, x, t, v)`` before step ``i``,
+            latents with the guided velocity), e.g. to look at ``x_t - t v`` along the trajectory.
 
     Returns:
         float32 ``(B, 3, T, H, W)`` in [-1, 1] (decoded by ``vae``), on CPU.
@@ -62,7 +67,7 @@ def generate(model: torch.nn.Module, encode_text: TextFn, vae: Autoencoder, prom
         v = model(torch.cat([x, x]), torch.cat([t, t]), text, mask)  # (2B, C, T', H', W')
         return flow.cfg_combine(*v.chunk(2), cfg_scale)
 
-    x0 = flow.sample_ode(velocity, noise, num_steps, shift=flow_shift)
+    x0 = flow.sample_ode(velocity, noise, num_steps, shift=flow_shift, solver=solver, callback=callback)
     return vae.decode(x0).float().clamp(-1, 1).cpu()
 
 
@@ -108,9 +113,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--checkpoint", default=None, help="checkpoint directory (default: latest complete)")
     ap.add_argument("--prompt", action="append", default=[], help="a caption; repeatable")
     ap.add_argument("--prompts-file", default=None, help="text file, one caption per line")
-    ap.add_argument("--num-steps", type=int, default=20, help="Euler steps (network evaluations per sample)")
-    ap.add_argument("--cfg-scale", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    ap.add_argument("--flow-shift", type=float, default=1.0, help="timestep shift of the sampling schedule")
+    ap.add_argument("--num-steps", type=int, default=None, help="solver steps (default: the run's eval.num_steps)")
+    ap.add_argument("--solver", choices=flow.SOLVERS, default=None,
+                    help="ODE solver: euler (1 network call per step) or heun (2) (default: the run's eval.solver)")
+    ap.add_argument("--cfg-scale", type=float, default=None,
+                    help="classifier-free guidance scale, 1 = off (default: the run's eval.cfg_scale)")
+    ap.add_argument("--flow-shift", type=float, default=None,
+                    help="timestep shift of the sampling schedule (default: the run's eval.flow_shift)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-frames", type=int, default=None, help="frames (default: the run's data.num_frames)")
     ap.add_argument("--height", type=int, default=None, help="pixels (default: the run's data.height)")
@@ -138,10 +147,15 @@ def main(argv: list[str] | None = None) -> int:
     from vdit.eval.hook import write_samples
     from vdit.train.trainer import TextCache
 
-    d = cfg.data
+    d, e = cfg.data, cfg.eval
+
+    def pick(value, default):
+        return default if value is None else value
+
     videos = generate(model, TextCache(text_encoder, cfg.text_encoder.max_length, dev), vae, prompts,
-                      args.num_frames or d.num_frames, args.height or d.height, args.width or d.width, args.num_steps,
-                      args.cfg_scale, args.flow_shift, args.seed, dev)
+                      args.num_frames or d.num_frames, args.height or d.height, args.width or d.width,
+                      pick(args.num_steps, e.num_steps), pick(args.cfg_scale, e.cfg_scale),
+                      pick(args.flow_shift, e.flow_shift), args.seed, dev, solver=pick(args.solver, e.solver))
     out = args.out or os.path.join(args.run_dir or args.weights, "samples", f"step-{step}")
     paths = write_samples(out, videos, prompts, args.fps or d.target_fps or 8.0)
     print(json.dumps({"step": step, "samples": paths, "contact_sheet": os.path.join(out, "contact_sheet.png")},

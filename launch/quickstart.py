@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from vdit.train.logging import read_metrics
+
 DATA = os.path.join("runs", "quickstart-data")
 RUN = os.path.join("runs", "quickstart")
 
@@ -26,8 +28,12 @@ def _step(msg: str) -> None:
     print(f"\n==> {msg}", flush=True)
 
 
-def build_data(data_dir: str = DATA, synthetic_clips: int = 48) -> str:
-    """Prepare the sample videos and ingest them into shards (skipped when shards exist); returns the shard dir."""
+def build_data(data_dir: str = DATA, synthetic_clips: int = 160, synthetic_size: int = 32) -> str:
+    """Prepare the sample videos and ingest them into shards (skipped when shards exist); returns the shard dir.
+
+    The procedural clips are rendered at ``synthetic_size`` pixels, the training resolution, so
+    their balls keep the renderer's minimum radius (2.5 px) instead of being halved by a resize.
+    """
     from vdit.data import ingest, samples
 
     shards = os.path.join(data_dir, "shards")
@@ -36,7 +42,8 @@ def build_data(data_dir: str = DATA, synthetic_clips: int = 48) -> str:
         return shards
     raw = os.path.join(data_dir, "raw")
     _step(f"vdit-prepare-samples -> {raw}")
-    if samples.main(["--output", raw, "--synthetic-clips", str(synthetic_clips), "--seed", "0"]) not in (0, None):
+    if samples.main(["--output", raw, "--synthetic-clips", str(synthetic_clips), "--seed", "0",
+                     "--height", str(synthetic_size), "--width", str(synthetic_size)]) not in (0, None):
         raise SystemExit("vdit-prepare-samples failed")
     _step(f"vdit-ingest -> {shards}")
     code = ingest.main(["--input", os.path.join(raw, "manifest.jsonl"), "--output", shards, "--clip-seconds", "2",
@@ -48,8 +55,6 @@ def build_data(data_dir: str = DATA, synthetic_clips: int = 48) -> str:
 
 def loss_means(run_dir: str, window: int = 50) -> tuple[float, float, int]:
     """Mean ``loss/train`` over the first and last ``window`` steps of ``metrics.jsonl``; returns (first, last, steps)."""
-    from vdit.train.logging import read_metrics
-
     by_step = {r["step"]: r["loss/train"] for r in read_metrics(run_dir) if "loss/train" in r}
     losses = [by_step[s] for s in sorted(by_step)]
     if not losses:
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training failed with exit status {code}", file=sys.stderr)
         return code
     first, last, n = loss_means(RUN)
+    val = [(r["step"], r["loss/val"]) for r in read_metrics(RUN) if "loss/val" in r]
     evals = sorted(f for f in os.listdir(os.path.join(RUN, "eval"))) if os.path.isdir(os.path.join(RUN, "eval")) else []
     summary: dict = {"run_dir": RUN, "steps_logged": n, "loss_first_50": round(first, 4), "loss_last_50": round(last, 4),
                      "data_seconds": round(t_data, 1), "total_seconds": round(time.time() - t0, 1),
@@ -81,7 +87,15 @@ def main(argv: list[str] | None = None) -> int:
         summary["eval"] = os.path.join(RUN, "eval", evals[-1])
         summary["samples"] = os.path.join(RUN, os.path.dirname(ev["contact_sheet"]))
         summary["contact_sheet"] = os.path.join(RUN, ev["contact_sheet"])
-        summary["scores"] = {k: None if v["mean"] is None else round(v["mean"], 4) for k, v in ev["metrics"].items()}
+        summary["scores"] = {k: None if v["mean"] is None else round(v["mean"], 4) for k, v in ev["metrics"].items()
+                             if not k.startswith("gen/")}
+        # Did the model draw the scenes it was trained on? (docs/training-recipe.md)
+        summary["scene_fidelity"] = {k[len("gen/"):]: None if v["mean"] is None else round(v["mean"], 3)
+                                     for k, v in ev["metrics"].items()
+                                     if k.startswith("gen/") and k.count("/") == 2 and not k.endswith("_size_err")}
+    if val:
+        summary["loss_val"] = {"first": {"step": val[0][0], "value": round(val[0][1], 4)},
+                               "last": {"step": val[-1][0], "value": round(val[-1][1], 4)}}
     _step("quickstart summary")
     print(json.dumps(summary, indent=2))
     if not last < first:

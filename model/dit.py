@@ -30,6 +30,7 @@ from einops import rearrange
 from torch import nn
 
 from .attention import Attention
+from .flow import PREDICTIONS, velocity_from_x0
 from .layers import Mlp, PatchEmbed3D, TextProjection, TimestepEmbedding, modulate, patch_grid
 from .rope import RotaryEmbedding3D
 
@@ -38,9 +39,22 @@ __all__ = ["DiTConfig", "DiTBlock", "FinalLayer", "VideoDiT", "num_tokens", "MOD
 MODULATIONS = ("per_block", "shared")
 
 
+POS_EMBEDS = ("none", "sincos")
+
+
 def _check_modulation(value: str) -> None:
     if value not in MODULATIONS:
         raise ValueError(f"modulation={value!r} is not one of {list(MODULATIONS)}")
+
+
+def _check_options(cfg: "DiTConfig") -> None:
+    _check_modulation(cfg.modulation)
+    if cfg.prediction not in PREDICTIONS:
+        raise ValueError(f"prediction={cfg.prediction!r} is not one of {list(PREDICTIONS)}")
+    if cfg.pos_embed not in POS_EMBEDS:
+        raise ValueError(f"pos_embed={cfg.pos_embed!r} is not one of {list(POS_EMBEDS)}")
+    if not 0.0 < cfg.x0_t_min <= 1.0:
+        raise ValueError(f"x0_t_min={cfg.x0_t_min} must be in (0, 1]")
 
 
 @dataclass
@@ -66,9 +80,23 @@ class DiTConfig:
             model plus a learned ``(6, D)`` table per block added to its output. Both are zero at
             init, so adaLN-Zero's identity blocks are kept. The final layer keeps its own
             ``Linear(D, 2D)`` modulation in both modes.
+        prediction: what the network's last layer predicts. ``"velocity"``: the flow velocity
+            ``noise - x0`` directly (SD3, Wan). ``"x0"``: the clean latent, converted inside
+            :meth:`VideoDiT.forward` to ``(x_t - x0_pred) / max(t, x0_t_min)``, so the model's output,
+            the loss and every sampler stay in velocity ("x-prediction, v-loss", Li & He 2025,
+            arXiv 2511.13720). x0 suits small models in pixel space: near ``t = 1`` a velocity net
+            must reproduce its input through LayerNorms, an x0 net only outputs ``E[x0 | text]``.
+        x0_t_min: lower clamp of ``t`` in the x0 -> velocity conversion.
+        pos_embed: ``"none"`` (3D RoPE only: relative positions, what Wan does) or ``"sincos"`` (add a
+            fixed absolute 3D sin-cos table after the patch embedding, as DiT does). From pure noise
+            a RoPE-only model has no absolute cue for where a token is (the floor is at the bottom);
+            large models infer it, tiny ones trained for minutes do not.
+        pooled_text: add an MLP of the mask-averaged text features to the timestep embedding, so
+            the caption also reaches every block's adaLN modulation (SD3 and PixArt feed a pooled text
+            vector this way) and global properties (colours) become an easy function of the text.
 
     Raises:
-        ValueError: if ``modulation`` is not one of :data:`MODULATIONS`.
+        ValueError: if ``modulation``, ``prediction`` or ``pos_embed`` is not a known value.
     """
 
     in_channels: int = 3
@@ -82,9 +110,13 @@ class DiTConfig:
     rope_theta: float = 10000.0
     cross_attention: bool = True
     modulation: str = "per_block"
+    prediction: str = "velocity"
+    x0_t_min: float = 0.05
+    pos_embed: str = "none"
+    pooled_text: bool = False
 
     def __post_init__(self) -> None:
-        _check_modulation(self.modulation)
+        _check_options(self)
 
     @property
     def head_dim(self) -> int:
@@ -123,6 +155,8 @@ class DiTConfig:
         if self.cross_attention:
             per_block += 2 * d * d + 2 * text_len * d + 2 * text_len * d * d / seq_len  # q/out, attention, k/v
         per_sample = (256 * d + d * d) + (self.text_dim * d + d * d) * text_len + 2 * d * d  # t/text MLPs, final adaLN
+        if self.pooled_text:
+            per_sample += self.text_dim * d + d * d  # the pooled-text MLP
         if self.modulation == "shared":
             per_sample += 6 * d * d  # the one shared adaLN projection
         macs = patch * d + self.depth * per_block + d * patch + per_sample / seq_len
@@ -274,7 +308,7 @@ class VideoDiT(nn.Module):
 
     def __init__(self, cfg: DiTConfig):
         super().__init__()
-        _check_modulation(cfg.modulation)  # the config may have been mutated after construction
+        _check_options(cfg)  # the config may have been mutated after construction
         if len(cfg.patch_size) != 3:
             raise ValueError(f"patch_size must be [pt, ph, pw]; got {list(cfg.patch_size)}")
         if cfg.num_heads <= 0 or cfg.hidden_size % cfg.num_heads != 0:
@@ -283,10 +317,14 @@ class VideoDiT(nn.Module):
         self.patch_size = tuple(int(p) for p in cfg.patch_size)
         self.in_channels = cfg.in_channels
         self.cross_attention = bool(cfg.cross_attention)
-        self.patch_embed = PatchEmbed3D(self.patch_size, cfg.in_channels, cfg.hidden_size)
+        self.prediction, self.x0_t_min = cfg.prediction, float(cfg.x0_t_min)
+        self.patch_embed = PatchEmbed3D(self.patch_size, cfg.in_channels, cfg.hidden_size, cfg.pos_embed)
         self.rope = RotaryEmbedding3D(cfg.hidden_size // cfg.num_heads, theta=cfg.rope_theta)
         self.t_embedder = TimestepEmbedding(cfg.hidden_size)
         self.text_proj = TextProjection(cfg.text_dim, cfg.hidden_size)
+        # pooled caption -> (B, D), added to the timestep embedding (SD3 / PixArt style)
+        self.text_pool = nn.Sequential(nn.Linear(cfg.text_dim, cfg.hidden_size), nn.SiLU(),
+                                       nn.Linear(cfg.hidden_size, cfg.hidden_size)) if cfg.pooled_text else None
         if cfg.modulation == "shared":  # adaLN-single: one projection, each block adds its own table
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(cfg.hidden_size, 6 * cfg.hidden_size))
         else:
@@ -310,7 +348,8 @@ class VideoDiT(nn.Module):
         text: torch.Tensor,
         text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Predict the flow velocity ``noise - x0`` at ``x_t``.
+        """Predict the flow velocity ``noise - x0`` at ``x_t`` (converted from an x0 prediction when
+        ``cfg.prediction == "x0"``).
 
         Args:
             x: ``(B, C, T, H, W)`` noisy latent ``x_t``.
@@ -335,6 +374,10 @@ class VideoDiT(nn.Module):
         h = self.patch_embed(x)  # (B, L, D)
         rope = self.rope(grid, device=x.device)  # (cos, sin), each (L, Dh)
         c = self.t_embedder(t)  # (B, D)
+        if self.text_pool is not None:
+            m = torch.ones(text.shape[:2], device=text.device) if text_mask is None else text_mask.to(text.dtype)
+            pooled_text = (text * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)  # (B, text_dim)
+            c = c + self.text_pool(pooled_text.to(c.dtype))  # (B, D)
         y = self.text_proj(text)  # (B, Lc, D)
         if not self.cross_attention:
             if text_mask is None:
@@ -349,11 +392,14 @@ class VideoDiT(nn.Module):
             h = block(h, block_c, y, text_mask, rope)  # (B, L, D)
         h = self.final_layer(h, c)  # (B, L, pt*ph*pw*C)
         pt, ph, pw = self.patch_size
-        return rearrange(
+        out = rearrange(
             h,
             "b (t h w) (pt ph pw c) -> b c (t pt) (h ph) (w pw)",
             t=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw,
         )  # (B, C, T, H, W)
+        if self.prediction == "x0":
+            out = velocity_from_x0(out, x.to(out.dtype), t, self.x0_t_min)  # (B, C, T, H, W) velocity
+        return out
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:

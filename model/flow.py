@@ -24,10 +24,18 @@ __all__ = [
     "resolution_shift",
     "flow_loss",
     "euler_step",
+    "heun_step",
     "sampling_timesteps",
     "cfg_combine",
     "sample_ode",
+    "PREDICTIONS",
+    "SOLVERS",
+    "velocity_from_x0",
+    "x0_from_velocity",
 ]
+
+PREDICTIONS = ("velocity", "x0")  # what the network's raw output means (DiTConfig.prediction)
+SOLVERS = ("euler", "heun")
 
 _T_EPS = 1e-5  # sampled training times are clamped to [eps, 1 - eps] so they lie strictly inside (0, 1)
 
@@ -57,6 +65,40 @@ def interpolate(x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor | float) 
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Regression target ``d x_t / d t = noise - x0``, shape of ``x0``."""
     return noise - x0
+
+
+def velocity_from_x0(x0_pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor | float,
+                     t_min: float = 0.05) -> torch.Tensor:
+    """Velocity implied by a clean-data prediction: ``v = (x_t - x0_pred) / max(t, t_min)``.
+
+    On the straight path ``x_t = (1 - t) x0 + t noise`` the velocity is ``noise - x0 = (x_t - x0) / t``.
+    Predicting ``x0`` and converting ("x-prediction, v-loss": Li & He 2025, "Back to Basics: Let
+    Denoising Generative Models Denoise", arXiv 2511.13720) spares the network from reproducing its
+    own input near ``t = 1``, where a velocity network must output ``x_t - E[x0 | text]``. ``t_min``
+    bounds the division near data (the paper clips at 0.05).
+
+    Args:
+        x0_pred, x_t: ``(B, ...)``. t: ``(B,)`` or a float in ``[0, 1]``.
+
+    Returns:
+        ``(B, ...)`` velocity in the dtype of ``x_t``.
+
+    Raises:
+        ValueError: if ``t_min`` is not in ``(0, 1]``.
+    """
+    if not 0.0 < t_min <= 1.0:
+        raise ValueError(f"t_min must be in (0, 1]; got {t_min}")
+    t = _expand(t, x_t)
+    t = t.clamp_min(t_min) if isinstance(t, torch.Tensor) else max(float(t), t_min)
+    return (x_t - x0_pred) / t
+
+
+def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
+    """One-step clean-data estimate from a velocity: ``x0_hat = x_t - t v`` (exact for the true velocity).
+
+    Args: ``x_t, v``: ``(B, ...)``; ``t``: ``(B,)`` or a float. Returns ``(B, ...)``.
+    """
+    return x_t - _expand(t, x_t) * v
 
 
 def sample_timesteps(
@@ -157,6 +199,27 @@ def euler_step(
     return x + dt * v
 
 
+def heun_step(
+    velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x: torch.Tensor, v: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor,
+) -> torch.Tensor:
+    """One Heun (explicit trapezoidal, 2nd order) step of ``dx/dt = v`` (Karras et al. 2022, Alg. 1).
+
+    Takes the Euler proposal ``x' = x + (t_next - t) v``, evaluates ``v' = velocity_fn(x', t_next)``
+    and returns ``x + (t_next - t) (v + v') / 2``. A step that ends at ``t_next = 0`` stays an Euler
+    step (as in EDM), so ``N`` Heun steps cost ``2N - 1`` network evaluations.
+
+    Args:
+        velocity_fn: ``(x (B, ...), t (B,)) -> v (B, ...)``.
+        x, v: ``(B, ...)`` state and its velocity at ``t``. t, t_next: 0-d tensors.
+    """
+    x_euler = euler_step(x, v, t, t_next)
+    if float(t_next) == 0.0:
+        return x_euler
+    v_next = velocity_fn(x_euler, t_next.expand(x.shape[0]))  # (B, ...)
+    return euler_step(x, (v + v_next) / 2, t, t_next)
+
+
 def sampling_timesteps(
     num_steps: int, shift: float = 1.0, device: torch.device | str | None = None
 ) -> torch.Tensor:
@@ -186,8 +249,10 @@ def sample_ode(
     noise: torch.Tensor,
     num_steps: int,
     shift: float = 1.0,
+    solver: str = "euler",
+    callback: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
-    """Integrate ``dx/dt = velocity_fn(x, t)`` with Euler from ``t = 1`` (noise) to ``t = 0`` (data).
+    """Integrate ``dx/dt = velocity_fn(x, t)`` from ``t = 1`` (noise) to ``t = 0`` (data).
 
     Guidance belongs in ``velocity_fn``, for example::
 
@@ -199,16 +264,29 @@ def sample_ode(
     Args:
         velocity_fn: ``(x (B, ...), t (B,) float32) -> v (B, ...)``.
         noise: ``(B, ...)`` start point at ``t = 1``.
-        num_steps: Euler steps (network evaluations).
+        num_steps: solver steps (Euler: ``num_steps`` network evaluations; Heun: ``2 num_steps - 1``).
         shift: timestep shift of the schedule (:func:`sampling_timesteps`).
+        solver: ``"euler"`` or ``"heun"`` (:func:`heun_step`).
+        callback: called as ``callback(i, x, t (B,), v)`` before step ``i`` moves ``x`` (e.g. to
+            record ``x0_from_velocity(x, v, t)`` along the trajectory).
 
     Returns:
         ``(B, ...)`` sample at ``t = 0``, dtype of ``noise``.
+
+    Raises:
+        ValueError: an unknown ``solver`` (and see :func:`sampling_timesteps`).
     """
+    if solver not in SOLVERS:
+        raise ValueError(f"solver={solver!r} is not one of {list(SOLVERS)}")
     times = sampling_timesteps(num_steps, shift, device=noise.device)  # (S + 1,)
     x = noise
     for i in range(num_steps):
         t = times[i].expand(x.shape[0])  # (B,)
         v = velocity_fn(x, t)  # (B, ...)
-        x = euler_step(x, v, times[i], times[i + 1])  # (B, ...)
+        if callback is not None:
+            callback(i, x, t, v)
+        if solver == "heun":
+            x = heun_step(velocity_fn, x, v, times[i], times[i + 1])  # (B, ...)
+        else:
+            x = euler_step(x, v, times[i], times[i + 1])  # (B, ...)
     return x

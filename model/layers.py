@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-__all__ = ["patch_grid", "PatchEmbed3D", "TimestepEmbedding", "TextProjection", "Mlp", "modulate"]
+__all__ = ["patch_grid", "sincos_pos_embed_3d", "PatchEmbed3D", "TimestepEmbedding", "TextProjection", "Mlp", "modulate"]
 
 
 def patch_grid(patch_size: Sequence[int], num_frames: int, height: int, width: int) -> tuple[int, int, int]:
@@ -40,22 +40,65 @@ def patch_grid(patch_size: Sequence[int], num_frames: int, height: int, width: i
     return num_frames // pt, height // ph, width // pw
 
 
+def sincos_pos_embed_3d(grid: Sequence[int], dim: int, device: torch.device | str | None = None,
+                        base: float = 10000.0) -> torch.Tensor:
+    """Fixed absolute 3D sin-cos position embedding of a ``(T', H', W')`` token grid, ``(L, dim)`` fp32.
+
+    The 1D embedding of Vaswani et al. 2017 (``[sin(p w_i), cos(p w_i)]``, ``w_i = base^(-i / half)``)
+    of the integer token index along each axis, concatenated: the time axis takes
+    ``2 * (dim // 8)`` channels and height and width split the rest evenly (even counts), like DiT's
+    2D table (Peebles & Xie 2023) extended with a time axis. Rows are in (t, h, w) raster order,
+    the order of :class:`PatchEmbed3D`'s tokens.
+
+    Raises:
+        ValueError: if ``dim < 8`` or not even.
+    """
+    if dim < 8 or dim % 2:
+        raise ValueError(f"sin-cos position embedding needs an even dim >= 8; got {dim}")
+    d_t = 2 * (dim // 8)
+    d_h = 2 * ((dim - d_t) // 4)
+    d_w = dim - d_t - d_h
+    tables = []
+    for n, d in zip(grid, (d_t, d_h, d_w)):
+        half = d // 2
+        w = base ** (-torch.arange(half, device=device, dtype=torch.float32) / half)  # (half,)
+        ang = torch.arange(int(n), device=device, dtype=torch.float32)[:, None] * w[None]  # (n, half)
+        tables.append(torch.cat([ang.sin(), ang.cos()], dim=-1))  # (n, d)
+    T, H, W = (int(n) for n in grid)
+    return torch.cat([
+        tables[0][:, None, None].expand(T, H, W, d_t),
+        tables[1][None, :, None].expand(T, H, W, d_h),
+        tables[2][None, None, :].expand(T, H, W, d_w),
+    ], dim=-1).reshape(T * H * W, dim)  # (L, dim)
+
+
 class PatchEmbed3D(nn.Module):
-    """Non-overlapping 3D patches -> tokens: ``Conv3d(kernel = stride = patch_size)``.
+    """Non-overlapping 3D patches -> tokens: ``Conv3d(kernel = stride = patch_size)``, optionally plus
+    a fixed absolute sin-cos position embedding (:func:`sincos_pos_embed_3d`).
+
+    The position embedding is added here, inside the module, so a sequence-parallel hook on this
+    module's output splits tokens that already carry it.
 
     Args:
         patch_size: ``(pt, ph, pw)``.
         in_channels: latent channels ``C``.
         hidden_size: token width ``D``.
+        pos_embed: ``"none"`` (RoPE alone carries positions) or ``"sincos"``.
+
+    Raises:
+        ValueError: a bad ``patch_size`` or ``pos_embed``.
     """
 
-    def __init__(self, patch_size: Sequence[int], in_channels: int, hidden_size: int):
+    def __init__(self, patch_size: Sequence[int], in_channels: int, hidden_size: int, pos_embed: str = "none"):
         super().__init__()
         if len(patch_size) != 3 or any(int(p) <= 0 for p in patch_size):
             raise ValueError(f"patch_size must be three positive ints (pt, ph, pw); got {patch_size}")
+        if pos_embed not in ("none", "sincos"):
+            raise ValueError(f"pos_embed must be 'none' or 'sincos'; got {pos_embed!r}")
         self.patch_size = tuple(int(p) for p in patch_size)
         self.in_channels = in_channels
         self.hidden_size = hidden_size
+        self.pos_embed = pos_embed
         self.proj = nn.Conv3d(in_channels, hidden_size, kernel_size=self.patch_size, stride=self.patch_size)
 
     def grid_size(self, num_frames: int, height: int, width: int) -> tuple[int, int, int]:
@@ -74,9 +117,12 @@ class PatchEmbed3D(nn.Module):
         Raises:
             ValueError: if ``T, H, W`` are not divisible by ``patch_size``.
         """
-        self.grid_size(*x.shape[2:])  # validates divisibility with a readable message
+        grid = self.grid_size(*x.shape[2:])  # validates divisibility with a readable message
         x = self.proj(x)  # (B, D, T', H', W')
-        return rearrange(x, "b d t h w -> b (t h w) d")  # (B, L, D)
+        x = rearrange(x, "b d t h w -> b (t h w) d")  # (B, L, D)
+        if self.pos_embed == "sincos":
+            x = x + sincos_pos_embed_3d(grid, self.hidden_size, x.device).to(x.dtype)  # (B, L, D)
+        return x
 
 
 class TimestepEmbedding(nn.Module):

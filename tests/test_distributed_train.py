@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -109,3 +110,38 @@ def test_deepspeed_zero2_run_resumes_under_fsdp(tmp_path):
     rows = [r for r in read_metrics(run) if "loss/train" in r]
     assert [r["step"] for r in rows] == list(range(1, 7))
     assert all(r["loss/train"] == r["loss/train"] and r["loss/train"] > 0 for r in rows)  # finite, positive
+
+
+def test_validation_loss_is_the_same_on_every_layout(tmp_path):
+    """loss/val and the x0 errors of one checkpoint agree between 1 process, FSDP 2 and FSDP 1 x
+    Ulysses SP 2 (same weights, same held-out clips, same fixed noise, sums across ranks)."""
+    shards = str(tmp_path / "shards")
+    write_shards(shards, 4, 4)
+    run = str(tmp_path / "run")
+    cfg = [f"data.shards={shards}", f"run_dir={run}", *TINY, "train.steps=2", "data.val_fraction=0.3",
+           "eval.val_every=2", "eval.val_clips=5"]
+    torchrun(1, "vdit.train.main", *cfg)
+    rows = [r for r in read_metrics(run) if "loss/val" in r]
+    assert [r["step"] for r in rows] == [2]
+    one = rows[0]
+    assert one["val/num_clips"] == 5
+    assert set(one) >= {f"loss/val@t={t}" for t in ("0.05", "0.25", "0.50", "0.75", "0.95")}
+    assert one["val/x0_mse@t=0.95"] > one["val/x0_mse@t=0.05"]  # harder to see the clip through more noise
+    script = tmp_path / "val.py"
+    script.write_text(textwrap.dedent(f"""
+        import json, sys, torch.distributed as dist
+        from vdit.train.config import load_config, validate
+        from vdit.train.trainer import Trainer
+        t = Trainer(validate(load_config({cfg!r} + sys.argv[2:])))
+        t.maybe_resume()
+        out = t.validator(t.model)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            json.dump(out, open(sys.argv[1], "w"))
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    """))
+    for name, extra in (("fsdp2", ["parallel.dp_shard=2"]), ("sp2", ["parallel.dp_shard=1", "parallel.sp_size=2"])):
+        torchrun(2, str(script), str(tmp_path / f"{name}.json"), *extra, module=False)
+        got = json.loads((tmp_path / f"{name}.json").read_text())
+        for key, value in got.items():
+            assert abs(one[key] - value) <= 1e-5 * abs(value) + 1e-7, (name, key, value, one[key])

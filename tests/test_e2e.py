@@ -48,8 +48,10 @@ def test_ingest_train_resume_sample_score(tmp_path):
     steps = [r["step"] for r in read_metrics(run_dir) if "loss/train" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
     report = json.loads((run_dir / "eval" / "step-6.json").read_text())
-    assert report["metrics"]["temporal_flickering"]["count"] == 3
-    assert 0.0 <= report["metrics"]["temporal_flickering"]["mean"] <= 1.0
+    assert report["metrics"]["temporal_flickering_all"]["count"] == 3
+    assert 0.0 <= report["metrics"]["temporal_flickering_all"]["mean"] <= 1.0
+    flicker = report["metrics"]["temporal_flickering"]  # VBench's dimension: static videos only
+    assert flicker["count"] + flicker["not_evaluable"] == 3
     assert "physics/gravity_pass_rate" in report["metrics"]
     assert (run_dir / report["contact_sheet"]).exists()
 
@@ -62,4 +64,5 @@ def test_ingest_train_resume_sample_score(tmp_path):
 
     proc = run("-m", "vdit.eval.score", str(out), "--out", str(tmp_path / "scores.json"))
     scores = json.loads((tmp_path / "scores.json").read_text())
-    assert scores["metrics"]["temporal_flickering"]["count"] == 2
+    assert scores["metrics"]["temporal_flickering_all"]["count"] == 2
+    assert scores["errors"] == [] and len(scores["videos"]) == 2

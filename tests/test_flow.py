@@ -102,3 +102,44 @@ def test_flow_loss():
     with pytest.raises(ValueError):
         flow.flow_loss(pred, target[:, :2])
     assert math.isclose(flow.flow_loss(target, target)[1].item(), 0.0)
+
+
+def test_heun_is_second_order_and_counts_evaluations():
+    # dx/dt = -x / (1 + t) has the exact solution x(0) = x(1) * 2 (x(t) (1 + t) is constant).
+    x1 = torch.ones(3, 2)
+    calls = []
+
+    def velocity_fn(x, t):
+        calls.append(t)
+        return x / (1 + t[:, None])  # dx/dt with x(t)(1+t) = const -> dx/dt = -x/(1+t); time runs 1 -> 0
+
+    def err(solver, steps):
+        calls.clear()
+        out = flow.sample_ode(lambda x, t: -velocity_fn(x, t), x1, steps, solver=solver)
+        return (out - 2 * x1).abs().max().item(), len(calls)
+
+    e_euler_4, n_euler = err("euler", 4)
+    e_euler_8, _ = err("euler", 8)
+    e_heun_4, n_heun = err("heun", 4)
+    e_heun_8, _ = err("heun", 8)
+    assert n_euler == 4 and n_heun == 2 * 4 - 1  # the last step ends at t = 0 and stays Euler
+    assert 1.7 < e_euler_4 / e_euler_8 < 2.3  # first order
+    assert e_heun_4 < e_euler_4 / 2 and e_heun_8 < e_heun_4 / 3  # second order (the final Euler step costs a bit)
+    with pytest.raises(ValueError, match="solver"):
+        flow.sample_ode(velocity_fn, x1, 2, solver="rk4")
+
+
+def test_x0_velocity_conversions_invert_each_other():
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(3, 2, 4, generator=g), torch.randn(3, 2, 4, generator=g)
+    t = torch.tensor([0.2, 0.5, 1.0])
+    xt = flow.interpolate(x0, noise, t)
+    v = flow.velocity_from_x0(x0, xt, t)
+    assert torch.allclose(v, flow.velocity_target(x0, noise), atol=1e-5)  # the exact x0 gives the exact velocity
+    assert torch.allclose(flow.x0_from_velocity(xt, v, t), x0, atol=1e-5)
+    # below t_min the division is clamped: (x_t - x0) / t_min
+    small = torch.tensor([0.01, 0.01, 0.01])
+    xs = flow.interpolate(x0, noise, small)
+    assert torch.allclose(flow.velocity_from_x0(x0, xs, small, t_min=0.05), (xs - x0) / 0.05)
+    with pytest.raises(ValueError, match="t_min"):
+        flow.velocity_from_x0(x0, xt, t, t_min=0.0)

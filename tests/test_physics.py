@@ -13,7 +13,7 @@ from vdit.eval.physics import (
     detect_bounces, gravity_check, physics_checks, split_flight_segments, track_balls,
 )
 
-CHECKS = ("gravity", "energy", "penetration", "continuity", "permanence")
+from vdit.eval.physics import CHECKS  # noqa: E402
 
 
 def throw_scene(size=64, scene="throw"):
@@ -33,7 +33,7 @@ def scene():
 
 
 def failed(report):
-    return {name for name in CHECKS if not report[name]["passed"]}
+    return {name for name in CHECKS if report[name]["passed"] is False}
 
 
 def test_tracking_is_subpixel(scene):
@@ -100,7 +100,8 @@ def test_teleport_fails_continuity(scene):
     pos[20:23, 0, 0] += 20.0  # mid-flight, 3 frames away and back
     report = physics_checks(render(params, pos), params)
     assert "continuity" in failed(report) and not report["passed"]
-    assert report["continuity"]["num_violations"] == 2
+    # Residuals against the locally fitted motion: the frames around both jumps (out and back).
+    assert report["continuity"]["num_violations"] >= 2 and report["continuity"]["max_residual_px"] > 15
 
 
 def test_antigravity_fails_direction(scene):

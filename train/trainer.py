@@ -41,6 +41,7 @@ from vdit.train.parallel.fsdp import apply_activation_checkpointing, materialize
 from vdit.train.parallel.sequence import apply_sequence_parallel, build_sp_groups
 from vdit.train.preemption import Preemption, write_requeue_file
 from vdit.train.runrecord import ConfigRecord, apply_mutable, preflight, trim_metrics, write_config
+from vdit.train.validation import Validator
 from vdit.train.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,8 @@ class Trainer:
             null_text, null_mask = load_null_text(self.data.latent_dir)  # (L, D), (L,)
             self.null_text, self.null_mask = null_text.to(self.device).float(), null_mask.to(self.device)
         self.checkpoints = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_last_k)
+        self.validator = Validator(cfg, self.vae, self.encode_text, self.device, self.dtype, self.dp_rank,
+                                   self.dp_size, self.dp_group) if cfg.eval.val_every else None
         self.step = 0
         self.preemption = Preemption()
         self.guard = StepGuard(cfg.reliability, self.device, self.preemption)
@@ -247,7 +250,9 @@ class Trainer:
     def build_data(self) -> VideoPipeline:
         """The streaming pipeline for this rank's data-parallel slot (SP ranks of one group share it)."""
         d = self.cfg.data
-        spec = ClipSpec(d.num_frames, d.height, d.width, d.target_fps, d.frame_stride, d.random_crop, d.shuffle, d.seed)
+        held_out = d.val_fraction > 0 and not d.val_shards  # validation clips come out of the training shards
+        spec = ClipSpec(d.num_frames, d.height, d.width, d.target_fps, d.frame_stride, d.random_crop, d.shuffle, d.seed,
+                        split="train" if held_out else "all", held_out_fraction=d.val_fraction if held_out else 0.0)
         buckets = d.buckets if d.buckets.buckets else None
         return VideoPipeline(
             d.shards, spec, None if buckets else d.batch_size, num_workers=d.num_workers, dp_rank=self.dp_rank,
@@ -338,19 +343,31 @@ class Trainer:
                     if self.is_main:  # written while SIGTERM is still only a flag here
                         write_requeue_file(self.step, self.checkpoints.latest(), self.preemption.signals)
                     break
+                if self.validator is not None and (self.step % self.cfg.eval.val_every == 0 or self.step == cfg.steps):
+                    with watchdog.paused():
+                        logger.log(self.step, self.validator(self.model))
                 if self.cfg.eval.enabled and self.cfg.eval.every and self.step % self.cfg.eval.every == 0 \
                         and self.step != cfg.steps:
                     with watchdog.paused():
-                        self.evaluate()
+                        self._log_eval(logger, self.evaluate())
             if self.cfg.eval.enabled and self.step == cfg.steps and not preempted:
                 with watchdog.paused():
                     eval_result = self.evaluate()
+                self._log_eval(logger, eval_result)
         finally:
             watchdog.stop()
             self.preemption.uninstall()
             logger.close()
         return {"step": self.step, "checkpoint": self.checkpoints.latest(), "eval": eval_result,
                 "preempted": preempted}
+
+    def _log_eval(self, logger: RunLogger, result: dict[str, Any] | None) -> None:
+        """Log an evaluation's per-checkpoint means (rank 0 has the result): ``gen/*`` keys as they are,
+        the others as ``eval/<name>``; metrics that were not evaluable (mean None) are left out."""
+        if result is None:
+            return
+        logger.log(self.step, {name if name.startswith("gen/") else f"eval/{name}": m["mean"]
+                               for name, m in result["metrics"].items() if m.get("mean") is not None})
 
     def _log(self, logger: RunLogger, losses: list[torch.Tensor], stats: dict[str, torch.Tensor],
              elapsed: float, wait: float, tokens: int) -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["MetricResult", "check_video"]
+__all__ = ["MetricResult", "MissingWeightsError", "check_video", "check_fps", "require_path"]
 
 
 @dataclass
@@ -17,7 +17,9 @@ class MetricResult:
 
     Fields:
         name: metric name as logged, e.g. ``"temporal_flickering"`` (logged as ``eval/<name>``).
-        value: the score (float).
+        value: the score (float), or None when the metric is not evaluable on this video (e.g.
+            VBench's flicker on a video the static filter rejects, a physics check with nothing to
+            judge); ``details["reason"]`` then says why. Not evaluable is counted, never a pass.
         implementation: our code that computed it, e.g. ``"vdit.eval.metrics.flicker"``.
         original: what it follows, e.g. ``"VBench temporal_flickering (Vchitect/VBench)"``.
         exact: True when the formula is an exact port of the original, False for approximations
@@ -26,7 +28,7 @@ class MetricResult:
     """
 
     name: str
-    value: float
+    value: float | None
     implementation: str
     original: str
     exact: bool
@@ -35,8 +37,41 @@ class MetricResult:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (``value`` as a Python float), ready for JSON / wandb."""
         d = dataclasses.asdict(self)
-        d["value"] = float(self.value)
+        d["value"] = None if self.value is None else float(self.value)
         return d
+
+    @property
+    def evaluable(self) -> bool:
+        """False when ``value`` is None (see ``details["reason"]``)."""
+        return self.value is not None
+
+
+class MissingWeightsError(FileNotFoundError):
+    """A metric backend that needs weights was given no path, or a path that does not exist."""
+
+
+def require_path(path: str | None, metric: str, setting: str) -> str:
+    """Return ``path`` if it exists; otherwise raise :class:`MissingWeightsError` naming the metric
+    and the setting (CLI ``--weights KEY=PATH`` / Python keyword) that should point at the weights."""
+    import os
+
+    if not path:
+        raise MissingWeightsError(f"metric {metric!r} needs local weights: set {setting} to a local path "
+                                  f"(nothing is downloaded)")
+    if not os.path.exists(path):
+        raise MissingWeightsError(f"metric {metric!r}: {setting} = {path!r} does not exist")
+    return path
+
+
+def check_fps(fps: Any) -> float:
+    """Return ``fps`` as a float; ValueError unless it is finite and > 0 (frames per second)."""
+    try:
+        value = float(fps)
+    except (TypeError, ValueError):
+        raise ValueError(f"fps must be a number > 0; got {fps!r}") from None
+    if not (value > 0 and np.isfinite(value)):
+        raise ValueError(f"fps must be finite and > 0; got {fps!r}")
+    return value
 
 
 def check_video(video: Any) -> np.ndarray:
