@@ -39,7 +39,8 @@ def test_ingest_train_resume_sample_score(tmp_path):
     common = ["-m", "vdit.train.main", f"data.shards={shards}", f"run_dir={run_dir}", "data.num_frames=8",
               "data.target_fps=12", "model.hidden_size=32", "model.depth=2", "model.num_heads=2",
               "model.patch_size=[2,8,8]", "data.batch_size=2", "train.checkpoint_every=2", "train.log_every=2",
-              "eval.num_steps=2", "eval.num_physics_prompts=1", "wandb.mode=offline"]
+              "eval.num_steps=2", "eval.num_physics_prompts=1", "eval.num_train_physics_prompts=1",
+              "wandb.mode=offline"]
     run(*common, "train.steps=4", "eval.enabled=false")
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["step-00000002", "step-00000004"]
     assert (run_dir / "config.yaml").exists() and (run_dir / "wandb").is_dir()
@@ -48,10 +49,16 @@ def test_ingest_train_resume_sample_score(tmp_path):
     steps = [r["step"] for r in read_metrics(run_dir) if "loss/train" in r]
     assert steps == [1, 2, 3, 4, 5, 6]
     report = json.loads((run_dir / "eval" / "step-6.json").read_text())
-    assert report["metrics"]["temporal_flickering_all"]["count"] == 3
+    # 2 fixed prompts + 1 caption of a procedural training clip + 1 new colour combination
+    assert report["metrics"]["temporal_flickering_all"]["count"] == 4
     assert 0.0 <= report["metrics"]["temporal_flickering_all"]["mean"] <= 1.0
     flicker = report["metrics"]["temporal_flickering"]  # VBench's dimension: static videos only
-    assert flicker["count"] + flicker["not_evaluable"] == 3
+    assert flicker["count"] + flicker["not_evaluable"] == 4
+    assert [v.get("kind") for v in report["videos"]] == [None, None, "train_captions", "new_scenes"]
+    for kind in ("train_captions", "new_scenes"):
+        assert report["metrics"][f"gen/{kind}/bg_color_err"]["count"] == 1
+    logged = [r for r in read_metrics(run_dir) if "gen/bg_color_err" in r]
+    assert [r["step"] for r in logged] == [6] and "eval/temporal_flickering_all" in logged[0]
     assert "physics/gravity_pass_rate" in report["metrics"]
     assert (run_dir / report["contact_sheet"]).exists()
 

@@ -372,3 +372,24 @@ def test_a_truncated_shard_is_remembered_as_bad(tmp_path):
     assert [s["__key__"] for s in again] == [s["__key__"] for s in first] and 0 < len(first) < 4
     assert skipped["shard_truncated"] == 2
     forget_bad_shards()
+
+
+def test_one_loss_spike_is_applied_and_only_spikes_in_a_row_roll_back():
+    """A single high flow-matching loss (a batch of small t) is normal: applied and counted, no
+    rollback; ``max_bad_steps`` spikes in a row are divergence and request one."""
+    import torch
+
+    from vdit.train.config import ReliabilityConfig
+    from vdit.train.guard import StepGuard
+
+    guard = StepGuard(ReliabilityConfig(spike_factor=10.0, spike_warmup_steps=3, max_bad_steps=3), torch.device("cpu"))
+    norm = torch.tensor(1.0)
+    for _ in range(5):
+        assert not guard.agree(torch.tensor(0.1), norm)
+    assert not guard.agree(torch.tensor(5.0), norm)  # one spike: the update is applied
+    assert guard.metrics()["train/loss_spikes"] == 1 and not guard.rollback_wanted
+    assert not guard.agree(torch.tensor(0.1), norm)  # a normal step ends the streak
+    for _ in range(3):
+        guard.agree(torch.tensor(5.0), norm)
+    assert "3 consecutive bad steps" in guard.rollback_wanted
+    assert guard.metrics()["train/skipped_steps"] == 0

@@ -107,11 +107,16 @@ class FlowConfig:
     """Rectified-flow training objective (x_t = (1 - t) x_0 + t eps, target eps - x_0).
 
     ``timestep_sampling``: ``logit_normal`` (SD3, with ``logit_mean``/``logit_std``) or ``uniform``.
+    ``loss_weighting``: ``velocity`` (plain MSE on the velocity) or ``x0`` (the velocity MSE times
+    ``t^2``, i.e. the MSE of the implied clean sample ``x_t - t v``: it stops the low-noise end,
+    where the velocity error is the x0 error divided by ``t^2``, from drowning the high-noise end
+    that decides layout and colour; see docs/training-recipe.md).
     ``flow_shift``: timestep shift s in t' = s t / (1 + (s - 1) t); when ``shift_base_tokens`` is set
     the shift becomes resolution dependent, ``flow_shift * sqrt(num_tokens / shift_base_tokens)``.
     """
 
     timestep_sampling: str = "logit_normal"
+    loss_weighting: str = "velocity"
     logit_mean: float = 0.0
     logit_std: float = 1.0
     flow_shift: float = 1.0
@@ -205,9 +210,10 @@ class ReliabilityConfig:
 
     ``skip_nonfinite``: a step whose loss or gradient norm is NaN/Inf (on any rank) skips the
     optimizer, scheduler and EMA update on every rank (counted as ``train/skipped_steps``).
-    ``max_bad_steps`` consecutive skipped steps, or a loss above ``spike_factor`` x its running mean
-    (exponential, ``spike_beta``; checked after ``spike_warmup_steps`` good steps; 0 disables),
-    roll the weights, optimizer, scheduler and EMA back to the last good checkpoint; training then
+    ``max_bad_steps`` consecutive bad steps -- non-finite (skipped) or a spike: a loss above
+    ``spike_factor`` x its running mean (exponential, ``spike_beta``; checked after
+    ``spike_warmup_steps`` good steps; 0 disables), which is applied, since one high flow-matching
+    loss is normal -- roll the weights, optimizer, scheduler and EMA back to the last good checkpoint; training then
     continues with the data after the bad batches. More than ``max_rollbacks`` rollbacks stop the
     run (exit status 1). ``watchdog_timeout_s``: a step (data read, forward, backward, collective)
     or a checkpoint save taking longer dumps every thread's stack to ``{run_dir}/hang-rank{r}.txt``
@@ -251,6 +257,7 @@ _VALID = {
     ("text_encoder", "name"): ("minilm", "hf", "random"),
     ("vae", "name"): AUTOENCODERS,
     ("flow", "timestep_sampling"): ("logit_normal", "uniform"),
+    ("flow", "loss_weighting"): ("velocity", "x0"),
     ("optim", "schedule"): ("cosine", "constant"),
     ("train", "precision"): ("auto", "fp32", "bf16"),
     ("wandb", "mode"): ("offline", "online", "disabled"),

@@ -6,8 +6,8 @@ rank thus takes the same decisions from the same numbers (no rank steps while an
 
 * **skip**: the loss or the gradient norm is NaN/Inf on some rank -> no optimizer, scheduler or
   EMA update on any rank (``train/skipped_steps``); the data of that step counts as consumed.
-* **rollback**: ``max_bad_steps`` skipped steps in a row, or a loss above ``spike_factor`` times its
-  running mean -> :func:`rollback` reloads model, optimizer, scheduler and EMA from the last good
+* **rollback**: ``max_bad_steps`` bad steps in a row -- non-finite, or a loss above
+  ``spike_factor`` times its running mean (a spike) -> :func:`rollback` reloads model, optimizer, scheduler and EMA from the last good
   checkpoint (never the data position or the step counter: training continues with the data
   after the bad batches). More than ``max_rollbacks`` rollbacks, or no good checkpoint to go back
   to, raise :class:`NumericsError` (exit status 1 from ``vdit-train``).
@@ -43,6 +43,7 @@ class StepGuard:
         self.skipped_steps = 0
         self.consecutive_bad = 0
         self.rollbacks = 0
+        self.spikes = 0  # steps with a loss above spike_factor x the running mean (applied, counted)
         self.good_steps = 0
         self.mean: float | None = None  # running mean of the (all-reduced) loss
         self.preempt = False  # agreed by every rank at the last step boundary
@@ -67,7 +68,10 @@ class StepGuard:
         c = self.cfg
         spike = (nonfinite == 0 and c.spike_factor > 0 and self.mean is not None and self.mean > 0
                  and self.good_steps >= c.spike_warmup_steps and total > c.spike_factor * self.mean)
-        skip = (nonfinite > 0 and c.skip_nonfinite) or spike
+        # A single high loss is normal in flow matching (a batch of small t under x0 prediction is
+        # 1/t^2 larger): it is applied and only counted. Spikes in a row, like non-finite steps in a
+        # row, mean divergence: max_bad_steps of them roll back. Only non-finite steps are skipped.
+        skip = nonfinite > 0 and c.skip_nonfinite
         self.last_skipped = skip
         if nonfinite > 0:
             self.consecutive_bad += 1
@@ -76,8 +80,10 @@ class StepGuard:
                 self.rollback_wanted = f"{self.consecutive_bad} consecutive steps with a non-finite loss or gradient"
         elif spike:
             self.consecutive_bad += 1
-            self.skipped_steps += 1
-            self.rollback_wanted = f"loss {total:.4g} is above {c.spike_factor:g} x its running mean {self.mean:.4g}"
+            self.spikes += 1
+            if self.consecutive_bad >= c.max_bad_steps:
+                self.rollback_wanted = (f"{self.consecutive_bad} consecutive bad steps, the last with loss {total:.4g} "
+                                        f"above {c.spike_factor:g} x its running mean {self.mean:.4g}")
         elif known:
             self.consecutive_bad = 0
             self.good_steps += 1
@@ -90,7 +96,8 @@ class StepGuard:
         return self.consecutive_bad > 0 or bool(self.rollback_wanted)
 
     def metrics(self) -> dict[str, float]:
-        return {"train/skipped_steps": self.skipped_steps, "train/rollbacks": self.rollbacks}
+        return {"train/skipped_steps": self.skipped_steps, "train/rollbacks": self.rollbacks,
+                "train/loss_spikes": self.spikes}
 
     def weights_finite(self, model: torch.nn.Module, ema: Any = None) -> bool:
         """True when every parameter (this rank's shards) and EMA tensor is finite on every rank."""

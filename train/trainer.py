@@ -441,7 +441,8 @@ class Trainer:
             target = flow.velocity_target(x0, noise)
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
                 pred = self.model(xt, t, text, text_mask)  # (B, C, T', H', W')
-            per_sample, _ = flow.flow_loss(pred.float(), target)  # (B,) mean over each sample's elements
+            weight = t.square() if self.cfg.flow.loss_weighting == "x0" else None  # (B,): MSE of x_t - t v
+            per_sample, _ = flow.flow_loss(pred.float(), target, weight)  # (B,) mean over each sample's elements
             # Token-weighted mean over the whole step on every data-parallel rank: each rank adds
             # (its tokens' squared error) / (global tokens); the data-parallel gradient average is
             # undone by the factor dp_size, so unequal bucket shapes across ranks weigh correctly.
