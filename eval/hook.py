@@ -43,11 +43,14 @@ def training_scenes(shards: str, val_fraction: float = 0.0, max_shards: int = 64
     """``(caption, params)`` of the procedural clips in the training shards (renderer parameters in
     the clip json, ``extra.synthetic``), in shard and key order; held-out clips excluded.
 
-    Reads at most ``max_shards`` shards (only their captions and json are used). Unreadable shards
-    and clips without parameters are passed over.
+    Reads at most ``max_shards`` shards (only their captions and json are used), and stops after
+    two shards without a procedural clip (a dataset of real footage, whose shards may be large).
+    Unreadable shards and clips without parameters are passed over.
     """
     out = []
-    for url in expand_shards(shards)[:max_shards]:
+    for i, url in enumerate(expand_shards(shards)[:max_shards]):
+        if i >= 2 and not out:
+            break
         for sample in read_shard(url, Counter()):
             if sample.get("json") is None:
                 continue
