@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import write_shards
+from vdit.model import flow
 from vdit.train.config import load_config, validate
 from vdit.train.logging import read_metrics
 from vdit.train.trainer import Trainer
@@ -167,3 +168,20 @@ def test_training_on_vdit_encode_latents_resumes_exactly(shards, tmp_path):
     assert losses(tmp_path / "split") == losses(tmp_path / "full")
     with pytest.raises(ValueError, match="in_channels|latent"):
         Trainer(tiny_cfg(out, tmp_path / "bad", "model.in_channels=4"))
+
+
+def test_x0_loss_weighting_is_the_velocity_loss_times_t_squared(shards, tmp_path):
+    """``flow.loss_weighting=x0`` weighs each sample's velocity MSE by t^2 (the MSE of x_t - t v);
+    same batch, same draws, same initial weights otherwise."""
+    plain = Trainer(tiny_cfg(shards, tmp_path / "v"))
+    weighted = Trainer(tiny_cfg(shards, tmp_path / "x0", "flow.loss_weighting=x0"))
+    batch = next(iter(plain.data))
+    x0, text, mask, t, noise = plain.prepare_inputs(batch)
+    with torch.no_grad():
+        v = plain.model(flow.interpolate(x0, noise, t), t, text, mask)
+        per_sample = (v - flow.velocity_target(x0, noise)).square().flatten(1).mean(1)  # (B,)
+    loss_v = plain.forward_backward([batch])
+    loss_x0 = weighted.forward_backward([batch])
+    assert torch.allclose(loss_v, per_sample.mean(), rtol=1e-5)
+    assert torch.allclose(loss_x0, (per_sample * t.square()).mean(), rtol=1e-5)
+    assert loss_x0 < loss_v
