@@ -47,13 +47,19 @@ def _list_videos(paths: list[str]) -> list[str]:
     return files
 
 
+def _sidecar(path: str | None, files: list[str], name: str) -> str | None:
+    """``path``, else the one ``name`` (e.g. prompts.json) beside the videos; None if absent or ambiguous."""
+    if path is not None:
+        return path
+    auto = {os.path.join(d, name) for d in {os.path.dirname(f) for f in files}}
+    auto = [a for a in auto if os.path.exists(a)]
+    return auto[0] if len(auto) == 1 else None
+
+
 def _load_prompts(path: str | None, files: list[str]) -> dict[str, str]:
+    path = _sidecar(path, files, "prompts.json")
     if path is None:
-        folders = {os.path.dirname(f) for f in files}
-        auto = [os.path.join(d, "prompts.json") for d in folders if os.path.exists(os.path.join(d, "prompts.json"))]
-        if len(auto) != 1:
-            return {}
-        path = auto[0]
+        return {}
     with open(path) as f:
         raw = json.load(f)
     if isinstance(raw, list):
@@ -62,12 +68,9 @@ def _load_prompts(path: str | None, files: list[str]) -> dict[str, str]:
 
 
 def _load_scenes(path: str | None, files: list[str]) -> dict[str, SceneParams]:
-    if path is None:  # a samples folder written by training carries scenes.json
-        folders = {os.path.dirname(f) for f in files}
-        auto = [os.path.join(d, "scenes.json") for d in folders if os.path.exists(os.path.join(d, "scenes.json"))]
-        if len(auto) != 1:
-            return {}
-        path = auto[0]
+    path = _sidecar(path, files, "scenes.json")  # a samples folder written by training carries scenes.json
+    if path is None:
+        return {}
     with open(path) as f:
         raw = json.load(f)
     if "balls" in raw:  # one SceneParams for a single video
