@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from vdit.train.checkpoint import CheckpointManager, ModelOptimizerState
 from vdit.train.config import LoopConfig
@@ -44,9 +42,10 @@ from vdit.train.parallel.deepspeed import (
     gather_full_state_dict_deepspeed,
     load_deepspeed_state_dict,
 )
-from vdit.train.parallel.dims import ParallelConfig, ParallelDims, init_distributed
+from vdit.train.parallel.dims import ParallelConfig, ParallelDims
 
 # the model, data and loss of the FSDP tests (one definition of the experiment)
+from tests.multiproc import init_rank, spawn
 from tests.test_fsdp import GLOBAL_BATCH, OPTIM, STEPS, global_batch, loss_fn, plain_model
 
 LOSS_RTOL = 1e-5
@@ -142,17 +141,8 @@ def ds_ops():
     return deepspeed.__version__
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _init(rank: int, world: int, port: int) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), DS_ACCELERATOR="cpu")
-    init_distributed()
+    init_rank(rank, world, port, DS_ACCELERATOR="cpu")
 
 
 def _engine(stage: int, micro: int, accum: int, world: int):
@@ -207,8 +197,7 @@ def _worker_zero2(rank: int, world: int, port: int, out: str) -> None:
     res["losses"] += _ds_steps(engine, range(SAVE_AT, STEPS), rank, world, micro=1, accum=2, norms=res["norms"],
                                prescaled=True)
     res["params"] = gather_full_state_dict_deepspeed(engine)
-    torch.save(res, os.path.join(out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return res
 
 
 def _worker_zero3(rank: int, world: int, port: int, out: str) -> None:
@@ -233,8 +222,7 @@ def _worker_zero3(rank: int, world: int, port: int, out: str) -> None:
     ckpt.load(ckpt.latest(), {"app": DeepSpeedState(engine), "scheduler": sched})
     res["from_plain_losses"] = _ds_steps(engine, range(SAVE_AT, STEPS), rank, world, micro=2, accum=1)
     res["from_plain_params"] = gather_full_state_dict_deepspeed(engine)
-    torch.save(res, os.path.join(out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return res
 
 
 def _worker_zero2_sp(rank: int, world: int, port: int, out: str) -> None:
@@ -258,8 +246,7 @@ def _worker_zero2_sp(rank: int, world: int, port: int, out: str) -> None:
         losses.append(mean.item() / world)
         norms.append(float(engine.get_global_grad_norm()))
     res = {"losses": losses, "norms": norms, "params": gather_full_state_dict_deepspeed(engine)}
-    torch.save(res, os.path.join(out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return res
 
 
 @pytest.fixture(scope="module")
@@ -268,11 +255,7 @@ def run_dir(tmp_path_factory):
 
 
 def _spawn(worker, run_dir, world: int = 2) -> list[dict]:
-    mp.spawn(worker, args=(world, _free_port(), str(run_dir)), nprocs=world)
-    results = [torch.load(run_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
-    for r in range(world):
-        os.remove(run_dir / f"rank{r}.pt")
-    return results
+    return spawn(worker, world, run_dir)
 
 
 @pytest.fixture(scope="module")

@@ -16,19 +16,17 @@ Run: ``.venv/bin/python -m pytest tests/test_fsdp.py -v`` (spawns 2 and 4 gloo r
 from __future__ import annotations
 
 import copy
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
+from tests.multiproc import init_rank, spawn
 from vdit.model.dit import DiTConfig, VideoDiT
 from vdit.train.config import OptimConfig
 from vdit.train.optim import build_optimizer, build_scheduler
-from vdit.train.parallel.dims import ParallelConfig, ParallelDims, init_distributed
+from vdit.train.parallel.dims import ParallelConfig, ParallelDims
 from vdit.train.parallel.fsdp import (
     apply_activation_checkpointing,
     apply_compile,
@@ -110,19 +108,6 @@ def reference():
     return {"init": init, "losses": losses, "norms": norms, "params": model.state_dict()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _init(rank: int, world: int, port: int):
-    torch.set_num_threads(1)  # world sizes above the core count: do not oversubscribe
-    env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
-    return init_distributed(environ=env)
-
-
 def _sharded_model(dims: ParallelDims, cfg: ParallelConfig, apply_sp=None):
     with torch.device("meta"):
         model = VideoDiT(model_cfg())
@@ -131,14 +116,9 @@ def _sharded_model(dims: ParallelDims, cfg: ParallelConfig, apply_sp=None):
     return materialize_and_init(model, "cpu", seed=0, reference=reference)
 
 
-def _spawn(worker, world: int, tmp_path) -> list[dict]:
-    mp.spawn(worker, args=(world, _free_port(), str(tmp_path)), nprocs=world)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
-
-
 # --------------------------------------------------------------------------------------- 2 ranks
 def _worker_fsdp2(rank: int, world: int, port: int, out: str) -> None:
-    _init(rank, world, port)
+    init_rank(rank, world, port)
     cfg = ParallelConfig(backend="fsdp")
     dims = ParallelDims(cfg, world, num_heads=2)
     dims.build_mesh("cpu")
@@ -164,13 +144,12 @@ def _worker_fsdp2(rank: int, world: int, port: int, out: str) -> None:
     plain.blocks[0].attn.q_proj.bias.grad = None  # a rank without a gradient still takes part (zeros)
     sync_sp_gradients(plain, dist.group.WORLD, bucket_bytes=4096)
     res["sp_grads"] = {n: p.grad.clone() for n, p in plain.named_parameters()}
-    torch.save(res, os.path.join(out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return res
 
 
 @pytest.fixture(scope="module")
 def fsdp2_results(tmp_path_factory):
-    return _spawn(_worker_fsdp2, 2, tmp_path_factory.mktemp("fsdp2"))
+    return spawn(_worker_fsdp2, 2, tmp_path_factory.mktemp("fsdp2"))
 
 
 @pytest.mark.multiproc
@@ -212,7 +191,7 @@ def test_sync_sp_gradients_sums_over_the_group(fsdp2_results):
 
 # --------------------------------------------------------------------------------------- 4 ranks
 def _worker_fsdp4(rank: int, world: int, port: int, out: str) -> None:
-    _init(rank, world, port)
+    init_rank(rank, world, port)
     res: dict = {}
     # HSDP: 2 replicas x 2 shards, 4 data streams of 1 sample.
     cfg = ParallelConfig(backend="fsdp", dp_replicate=2, dp_shard=2)
@@ -237,13 +216,12 @@ def _worker_fsdp4(rank: int, world: int, port: int, out: str) -> None:
     res["sp_losses"] = train(model, dims.dp_rank, dims.dp_size, weight=(0.25, 0.75)[dims.sp_rank],
                              dp_group=dims.dp_group, norms=res["sp_norms"])
     res["sp_params"] = gather_full_state_dict(model)
-    torch.save(res, os.path.join(out, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return res
 
 
 @pytest.fixture(scope="module")
 def fsdp4_results(tmp_path_factory):
-    return _spawn(_worker_fsdp4, 4, tmp_path_factory.mktemp("fsdp4"))
+    return spawn(_worker_fsdp4, 4, tmp_path_factory.mktemp("fsdp4"))
 
 
 @pytest.mark.multiproc

@@ -5,14 +5,12 @@ Run: ``.venv/bin/python -m pytest tests/test_parallel_dims.py -v`` (the mesh tes
 
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.multiproc import rank_env, spawn
 from vdit.train.parallel.dims import (
     DistInfo,
     ParallelConfig,
@@ -137,16 +135,8 @@ def test_init_distributed_single_process_does_not_initialize(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- mesh
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _mesh_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port)}
-    info = init_distributed(environ=env)
+    info = init_distributed(environ=rank_env(rank, world, port))
     assert (info.rank, info.world_size) == (rank, world) and dist.is_initialized()
     result = {}
     for name, kw in {"sp": dict(dp_shard=2, sp_size=2), "hsdp": dict(dp_replicate=2, dp_shard=-1)}.items():
@@ -160,14 +150,12 @@ def _mesh_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             "dp_rank": d.dp_rank, "sp_rank": d.sp_rank, "sp_sum": t.item(),
             "coord": tuple(d.mesh.get_coordinate()),
         }
-    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
+    return result
 
 
 @pytest.mark.multiproc
 def test_mesh_on_four_ranks(tmp_path):
-    mp.spawn(_mesh_worker, args=(4, _free_port(), str(tmp_path)), nprocs=4)
-    r = [torch.load(tmp_path / f"rank{i}.pt") for i in range(4)]
+    r = spawn(_mesh_worker, 4, tmp_path)
     for rank, res in enumerate(r):
         sp = res["sp"]  # dp_shard=2 x sp=2: SP peers are adjacent ranks
         assert sp["dp_mesh_shape"] == (2,) and sp["fsdp_mesh_shape"] == (4,)

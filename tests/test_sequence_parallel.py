@@ -12,18 +12,16 @@ world once, records pass/fail per check, and the tests below read those records.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import socket
 import traceback
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from tests.multiproc import spawn
 from vdit.model.attention import math_attention
 from vdit.model.dit import DiTConfig, VideoDiT
 from vdit.train.parallel.sequence import (
@@ -210,33 +208,17 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     results = {}
-    try:
-        for name, check in _checks(world).items():
-            try:
-                check()
-                results[name] = "ok"
-            except Exception:
-                results[name] = traceback.format_exc()
-    finally:
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    for name, check in _checks(world).items():
+        try:
+            check()
+            results[name] = "ok"
+        except Exception:
+            results[name] = traceback.format_exc()
+    return results
 
 
 def _spawn(world: int, tmp_path_factory) -> list[dict]:
-    out_dir = str(tmp_path_factory.mktemp(f"sp_world{world}"))
-    mp.spawn(_worker, args=(world, _free_port(), out_dir), nprocs=world, join=True)
-    results = []
-    for r in range(world):
-        with open(os.path.join(out_dir, f"rank{r}.json")) as f:
-            results.append(json.load(f))
-    return results
+    return spawn(_worker, world, tmp_path_factory.mktemp(f"sp_world{world}"))
 
 
 @pytest.fixture(scope="module")
