@@ -29,7 +29,7 @@ from vdit.data.transforms import to_uint8_video
 from vdit.eval.hook import eval_prompts, score_videos, write_samples
 from vdit.eval.sample import generate, load_run
 from vdit.model import flow
-from vdit.train.trainer import TextCache
+from vdit.train.build import TextCache
 
 T_PROBE = (0.999, 0.99, 0.97, 0.95, 0.9, 0.7, 0.5, 0.3, 0.1)
 

@@ -87,7 +87,7 @@ def load_run(run_dir: str | None = None, checkpoint: str | None = None, use_ema:
     """
     from vdit.train.checkpoint import CheckpointManager
     from vdit.train.export import load_checkpoint_weights, load_exported, load_run_config
-    from vdit.train.trainer import build_frozen, resolve_device
+    from vdit.train.build import build_frozen, resolve_device
 
     dev = resolve_device(device)
     if weights is not None:
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vdit-sample: {exn}", file=sys.stderr)
         return 1
     from vdit.eval.hook import write_samples
-    from vdit.train.trainer import TextCache
+    from vdit.train.build import TextCache
 
     d, e = cfg.data, cfg.eval
 

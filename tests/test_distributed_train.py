@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import write_shards
+from tests.multiproc import free_port
 from vdit.train.logging import read_metrics
 
 pytestmark = [pytest.mark.multiproc, pytest.mark.slow]
@@ -22,12 +22,6 @@ TINY = ["text_encoder.name=random", "text_encoder.hidden_size=32", "text_encoder
         "model.hidden_size=32", "model.depth=2", "model.num_heads=2", "model.patch_size=[1,8,8]",
         "train.checkpoint_every=2", "train.log_every=2", "optim.warmup_steps=2", "wandb.mode=disabled",
         "eval.enabled=false"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun_cmd(nproc: int, *args: str, module: bool = True, launcher: tuple[str, ...] = ()) -> list[str]:

@@ -145,9 +145,14 @@ class LoopConfig:
     class of CPU has no native bf16 and runs bf16 matmuls hundreds of times slower).
     ``resume``: ``auto`` (latest complete checkpoint in ``run_dir``, else start fresh), ``never``,
     or a checkpoint directory path.
+    ``flops_budget``: training compute of the run in model FLOPs (``vdit.train.flops``); when > 0 it
+    replaces ``steps`` by ``floor(flops_budget / FLOPs per step)``, computed at start-up from the
+    model, the clip shape, the padded caption length and the global batch (an iso-FLOP sweep gives
+    every model size the same budget). Needs fixed-shape data (no ``data.buckets``).
     """
 
     steps: int = 100
+    flops_budget: float = 0.0
     grad_accum_steps: int = 1
     precision: str = "auto"
     seed: int = 0
@@ -270,7 +275,11 @@ _VALID = {
 
 
 def register_configs() -> None:
-    """Register the schemas in Hydra's ConfigStore (idempotent)."""
+    """Register the schemas in Hydra's ConfigStore and vdit's OmegaConf resolvers (idempotent).
+
+    Resolvers: ``${vdit.mul:a,b}`` (integer product; the model ladder's ``hidden_size = 64 * depth``).
+    """
+    OmegaConf.register_new_resolver("vdit.mul", lambda a, b: int(a) * int(b), replace=True)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(group="model", name="dit_schema", node=DiTConfig)
@@ -322,6 +331,9 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
         raise ValueError("eval.num_steps must be >= 1 and eval.num_physics_prompts, eval.num_train_physics_prompts >= 0")
     if not 0.0 <= obj.train.ema_decay < 1.0:
         raise ValueError(f"train.ema_decay={obj.train.ema_decay} must be in [0, 1)")
+    if obj.train.flops_budget < 0 or (obj.train.flops_budget > 0 and bool(d.buckets.buckets)):
+        raise ValueError(f"train.flops_budget={obj.train.flops_budget} must be >= 0, and a budget needs fixed-shape "
+                         "data (steps are counted from one clip shape): unset data.buckets")
     check_ranges(obj)
     check_buckets(obj)
     return obj

@@ -55,7 +55,7 @@ def load_checkpoint_weights(cfg: TrainConfig, checkpoint: str, weights: str = "e
 
     from vdit.train.checkpoint import CheckpointManager
     from vdit.train.ema import EMA
-    from vdit.train.trainer import build_model
+    from vdit.train.build import build_model
 
     model = build_model(cfg, torch.device(device))
     manager = CheckpointManager(os.path.dirname(checkpoint.rstrip("/")))
@@ -91,7 +91,7 @@ def load_exported(path: str, device: torch.device | str = "cpu") -> tuple[TrainC
     Raises:
         FileNotFoundError: a file is missing.
     """
-    from vdit.train.trainer import build_model
+    from vdit.train.build import build_model
 
     for name in (WEIGHTS_FILE, CONFIG_FILE):
         if not os.path.exists(os.path.join(path, name)):

@@ -26,6 +26,8 @@ import logging
 import math
 import os
 import shutil
+import socket
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -160,6 +162,44 @@ def write_config(cfg: Any, run_dir: str, pre: Preflight) -> None:
     with open(tmp, "w") as f:
         f.write(new)
     os.replace(tmp, path)
+
+
+def code_version() -> dict[str, Any]:
+    """The code a run executes: ``{"version", "git_commit", "git_dirty"}``. The git fields come from the
+    checkout vdit is imported from (None when it is an installed wheel or git is missing)."""
+    import subprocess
+
+    from vdit import __version__
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out: dict[str, Any] = {"version": __version__, "git_commit": None, "git_dirty": None}
+    try:
+        commit = subprocess.run(["git", "-C", root, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if commit.returncode == 0:
+            out["git_commit"] = commit.stdout.strip()
+            status = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, timeout=10)
+            out["git_dirty"] = bool(status.stdout.strip()) if status.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return out
+
+
+def record_launch(run_dir: str, cfg: Any, world: dict[str, Any], start_step: int) -> dict[str, Any]:
+    """Append one row per process start (fresh or resumed) to ``{run_dir}/launches.jsonl`` (rank 0):
+    time, the command line, the code version (:func:`code_version`), the world layout (``world``:
+    world size, data-parallel and sequence-parallel sizes, backend, device), the step it starts from
+    and the config hash. Returns the row."""
+    import sys
+
+    import torch
+
+    row = {"time": round(time.time(), 3), "argv": list(sys.argv), "cwd": os.getcwd(), "host": socket.gethostname(),
+           "start_step": start_step, "config_hash": config_hash(cfg), "code": code_version(),
+           "torch": torch.__version__, "world": world}
+    with open(os.path.join(run_dir, "launches.jsonl"), "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+    return row
 
 
 def apply_mutable(trainer: Any, saved: dict[str, Any] | None) -> list[str]:

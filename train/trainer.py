@@ -26,11 +26,17 @@ from vdit.data.latents import check_encode_meta, expected_meta_from_config, load
 from vdit.data.pipeline import ClipSpec, ShardReadSpec, VideoPipeline
 from vdit.model import flow
 from vdit.model.dit import VideoDiT
-from vdit.model.text import build_text_encoder
-from vdit.model.vae import build_autoencoder
+from vdit.train.build import (  # noqa: F401 - build_model is re-exported
+    TextCache,
+    build_frozen,
+    build_model,
+    resolve_device,
+    resolve_precision,
+)
 from vdit.train.checkpoint import CheckpointManager, GlobalDataState, ModelOptimizerState, ObjectState
 from vdit.train.config import TrainConfig
 from vdit.train.ema import EMA
+from vdit.train.flops import PerfMeter, peak_memory_bytes, training_flops
 from vdit.train.guard import StepGuard, rollback
 from vdit.train.logging import RunLogger
 from vdit.train.optim import build_optimizer, build_scheduler
@@ -40,88 +46,18 @@ from vdit.train.parallel.dims import ParallelDims, init_distributed
 from vdit.train.parallel.fsdp import apply_activation_checkpointing, materialize_and_init, parallelize, sync_sp_gradients
 from vdit.train.parallel.sequence import apply_sequence_parallel, build_sp_groups
 from vdit.train.preemption import Preemption, write_requeue_file
-from vdit.train.runrecord import ConfigRecord, apply_mutable, preflight, trim_metrics, write_config
+from vdit.train.runrecord import (
+    ConfigRecord,
+    apply_mutable,
+    preflight,
+    record_launch,
+    trim_metrics,
+    write_config,
+)
 from vdit.train.validation import Validator
 from vdit.train.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; otherwise ``torch.device(name)``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype:
-    """Autocast dtype: ``auto`` is bf16 on CUDA and fp32 on CPU (no native bf16 on this class of CPU)."""
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
-
-
-def build_model(cfg: TrainConfig, device: torch.device) -> VideoDiT:
-    """Build the DiT on the meta device, materialize on ``device``, then run the model's own init.
-
-    Building on meta first is the path parallel training takes (parallelize between the two
-    steps), so single-rank and sharded runs start from the same weights for the same seed.
-    """
-    with torch.device("meta"):
-        model = VideoDiT(cfg.model)
-    model.to_empty(device="cpu")  # init on CPU: the same weights whatever the device or sharding
-    model.init_weights(seed=cfg.train.seed)
-    return model.to(device)
-
-
-def build_frozen(cfg: TrainConfig, device: torch.device):
-    """Build the frozen text encoder and autoencoder and check them against the model config.
-
-    Returns ``(text_encoder, vae)`` on ``device``.
-
-    Raises:
-        ValueError: the encoder width differs from ``model.text_dim`` or the latent channels differ
-            from ``model.in_channels`` (the message says which setting to change).
-    """
-    tc, vc = cfg.text_encoder, cfg.vae
-    text_encoder = build_text_encoder(tc.name, tc.path, tc.max_length, dtype=tc.dtype, hidden_size=tc.hidden_size)
-    if text_encoder.hidden_size != cfg.model.text_dim:
-        raise ValueError(f"text encoder {tc.name!r} has width {text_encoder.hidden_size} but model.text_dim="
-                         f"{cfg.model.text_dim}; set text_encoder.hidden_size={text_encoder.hidden_size}")
-    vae = build_autoencoder(vc.name, vc.path, scaling_factor=vc.scaling_factor, dtype=vc.dtype, tiling=vc.tiling,
-                            slicing=vc.slicing)
-    if vae.latent_channels != cfg.model.in_channels:
-        raise ValueError(f"autoencoder {cfg.vae.name!r} has {vae.latent_channels} latent channels but "
-                         f"model.in_channels={cfg.model.in_channels}")
-    return text_encoder.to(device), vae.to(device)
-
-
-class TextCache:
-    """Frozen text features per caption, cached: ``captions -> ((B, max_length, D) float, (B, max_length) bool)``.
-
-    Each caption is encoded alone and padded to ``max_length`` tokens, so its features never depend
-    on which other captions share its batch; captions repeat across clips of one video and across
-    epochs, so the cache saves most text-encoder work.
-    """
-
-    def __init__(self, encoder, max_length: int, device: torch.device, max_entries: int = 100_000):
-        self.encoder, self.max_length, self.device, self.max_entries = encoder, max_length, device, max_entries
-        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = []
-        for c in captions:
-            hit = self.cache.get(c)
-            if hit is None:
-                h, m = self.encoder.encode([c], device=self.device)  # (1, l, D), (1, l)
-                L = self.max_length
-                hp, mp = h.new_zeros(1, L, h.shape[-1]), m.new_zeros(1, L)
-                hp[:, :min(L, h.shape[1])], mp[:, :min(L, m.shape[1])] = h[:, :L], m[:, :L]
-                hit = (hp, mp)
-                if len(self.cache) < self.max_entries:
-                    self.cache[c] = hit
-            out.append(hit)
-        return torch.cat([h for h, _ in out]), torch.cat([m for _, m in out])
 
 
 class _TrainerState:
@@ -132,10 +68,11 @@ class _TrainerState:
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.t.step, "torch": torch.get_rng_state(),
-                "numpy": np.random.get_state(), "python": random.getstate()}
+                "numpy": np.random.get_state(), "python": random.getstate(), "totals": self.t.totals.copy()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.t.step = int(state["step"])
+        self.t.totals = {**self.t.totals, **state.get("totals", {})}  # absent in checkpoints before v0.2
         torch.set_rng_state(state["torch"])
         np.random.set_state(state["numpy"])
         random.setstate(state["python"])
@@ -182,14 +119,38 @@ class Trainer:
             check_encode_meta(self.data.latent_meta, expected_meta_from_config(cfg))
             null_text, null_mask = load_null_text(self.data.latent_dir)  # (L, D), (L,)
             self.null_text, self.null_mask = null_text.to(self.device).float(), null_mask.to(self.device)
+        if cfg.train.flops_budget > 0:
+            self.resolve_flops_budget()
         self.checkpoints = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_last_k)
         self.validator = Validator(cfg, self.vae, self.encode_text, self.device, self.dtype, self.dp_rank,
                                    self.dp_size, self.dp_group) if cfg.eval.val_every else None
         self.step = 0
+        # Cumulative global training work (all data-parallel ranks), checkpointed: the compute and
+        # data axes of a scaling-law fit. FLOPs are model FLOPs (vdit.train.flops).
+        self.totals = {"flops": 0.0, "tokens": 0.0, "samples": 0.0}
+        self.step_counts = {"flops": 0.0, "tokens": 0.0, "samples": 0.0}
+        self.perf = PerfMeter(self.device, self.dist.world_size, cfg.model.num_params(), self.is_main)
+        self.perf.peak  # resolved now (on CPU: measured once, ~1 s) rather than inside a timed log interval
         self.preemption = Preemption()
         self.guard = StepGuard(cfg.reliability, self.device, self.preemption)
         if self.is_main:  # everything built: now the run directory may be written
             write_config(cfg, self.run_dir, self.preflight)
+
+    def resolve_flops_budget(self) -> None:
+        """Set ``train.steps`` to the whole steps that fit in ``train.flops_budget`` (model FLOPs) with
+        this run's clip shape, padded caption length and global batch; logged, and recorded in
+        config.yaml (written after this). ValueError when the budget buys no step."""
+        c, d = self.cfg, self.cfg.data
+        global_batch = d.batch_size * c.train.grad_accum_steps * self.dims.dp_size
+        per_step = training_flops(c.model, self.vae.latent_shape(d.num_frames, d.height, d.width), self.text_len,
+                                  global_batch)
+        steps = int(c.train.flops_budget // per_step)
+        if steps < 1:
+            raise ValueError(f"train.flops_budget={c.train.flops_budget:.3g} FLOPs is less than one step "
+                             f"({per_step:.3g} FLOPs at global batch {global_batch})")
+        log.info("train.flops_budget=%.3g FLOPs / %.3g FLOPs per step -> train.steps=%d (was %d)",
+                 c.train.flops_budget, per_step, steps, c.train.steps)
+        c.train.steps = steps
 
     def build_parallel_model(self):
         """Model, optimizer and scheduler for this rank, in the fixed order of ``vdit.train.parallel``.
@@ -305,13 +266,20 @@ class Trainer:
         preempted or time-limited job would; the next ``fit()`` with ``resume=auto`` continues.
         """
         self.maybe_resume()
+        if self.is_main:
+            p = self.cfg.parallel
+            record_launch(self.run_dir, self.cfg, {
+                "world_size": self.dist.world_size, "dp_size": self.dp_size, "sp_size": self.dims.sp_size,
+                "dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "backend": p.backend,
+                "device": str(self.device), "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", 1))},
+                self.step)
         cfg = self.cfg.train
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         logger = RunLogger(self.run_dir, self.cfg.wandb, OmegaConf.to_container(OmegaConf.structured(self.cfg)),
                            cfg.steps, self.step, is_main=self.is_main)
         batches = iter(self.data)
         pending: list[torch.Tensor] = []
-        t_last, wait, tokens = time.perf_counter(), 0.0, 0
+        t_last, wait, counts = time.perf_counter(), 0.0, {"flops": 0.0, "tokens": 0.0, "samples": 0.0}
         eval_result, preempted = None, False
         watchdog = Watchdog(self.run_dir, self.dist.rank, self.cfg.reliability.watchdog_timeout_s).start()
         self.preemption.install()
@@ -326,13 +294,16 @@ class Trainer:
                     self.data.commit(b)
                 self.step += 1
                 pending.append(stats["loss"])
-                tokens += self.step_tokens
+                for k, v in self.step_counts.items():
+                    counts[k] += v
+                    self.totals[k] += v
                 logger.advance()
                 save_now = self.step % cfg.checkpoint_every == 0 or self.step == end or self.guard.preempt
                 if self.step % cfg.log_every == 0 or self.step == end or save_now:  # rows before their checkpoint
                     elapsed = time.perf_counter() - t_last
-                    self._log(logger, pending, stats, elapsed, wait, tokens)
-                    pending, t_last, wait, tokens = [], time.perf_counter(), 0.0, 0
+                    self._log(logger, pending, stats, elapsed, wait, counts)
+                    pending, t_last, wait = [], time.perf_counter(), 0.0
+                    counts = dict.fromkeys(counts, 0.0)
                 if save_now and not self.guard.rollback_wanted:
                     watchdog.beat(f"checkpoint at step {self.step}")
                     self.save()
@@ -370,25 +341,26 @@ class Trainer:
                                for name, m in result["metrics"].items() if m.get("mean") is not None})
 
     def _log(self, logger: RunLogger, losses: list[torch.Tensor], stats: dict[str, torch.Tensor],
-             elapsed: float, wait: float, tokens: int) -> None:
+             elapsed: float, wait: float, counts: dict[str, float]) -> None:
         stacked = torch.stack(losses)  # (n,) this rank's share of each step's loss
         if self.dp_group is not None:
             torch.distributed.all_reduce(stacked, group=self.dp_group)  # -> the global loss of each step
+        peak_memory = torch.tensor([float(peak_memory_bytes(self.device))], dtype=torch.float64, device=self.device)
+        if self.dist.is_distributed:
+            torch.distributed.all_reduce(peak_memory, op=torch.distributed.ReduceOp.MAX)  # the fullest rank
         values = stacked.tolist()  # the one host sync of this interval
         first = self.step - len(values) + 1
         for i, v in enumerate(values[:-1]):
             logger.log(first + i, {"loss/train": v})
         n = len(values)
-        b = self.cfg.data.batch_size * self.cfg.train.grad_accum_steps
         logger.log(self.step, {
             "loss/train": values[-1],
             "loss/train_mean": sum(values) / n,
             "optim/lr": self.scheduler.get_last_lr()[0],
             "optim/grad_norm": float(stats["grad_norm"]),
             "perf/steps_per_s": n / elapsed,
-            "perf/samples_per_s": n * b / elapsed,
-            "perf/tokens_per_s": tokens * self.dp_size / elapsed,
             "perf/data_wait_frac": wait / elapsed,
+            **self.perf.interval(counts, n, elapsed, self.totals, float(peak_memory.item())),
             **self.guard.metrics(),
             "data/skipped": sum(self.data.skipped.values()),
             **{f"data/skipped/{k}": v for k, v in self.data.skipped.items()},
@@ -433,7 +405,11 @@ class Trainer:
         self.model.train()
         total = torch.zeros((), device=self.device)
         tokens = [self.batch_tokens(b) for b in micro_batches]
-        global_tokens = self.all_reduce_sum(float(sum(tokens)))
+        flops = sum(training_flops(self.cfg.model, self.latent_shape(b), self.text_len, len(b["key"]))
+                    for b in micro_batches)
+        samples = sum(len(b["key"]) for b in micro_batches)
+        # One all-reduce for the step's global counts (the loss normalisation needs the tokens now).
+        global_tokens, global_samples, global_flops = self.all_reduce_sum([sum(tokens), samples, flops])
         for batch, batch_tokens in zip(micro_batches, tokens):
             x0, text, text_mask, t, noise = self.prepare_inputs(batch)
             t, noise = t.to(self.device), noise.to(self.device)
@@ -455,14 +431,23 @@ class Trainer:
             else:
                 loss.backward()
             total += loss.detach() / self.dp_size
-        self.step_tokens = sum(tokens)
+        self.step_counts = {"flops": global_flops, "tokens": global_tokens, "samples": global_samples}
         return total
+
+    @property
+    def text_len(self) -> int:
+        """Text tokens per sample as the model sees them (captions are padded to ``max_length``)."""
+        return self.null_text.shape[0] if self.data.is_latent else self.cfg.text_encoder.max_length
+
+    def latent_shape(self, batch: dict[str, Any]) -> tuple[int, ...]:
+        """``(C, T', H', W')`` of one sample of a batch (latent shards carry it; videos go through the VAE)."""
+        if "latent" in batch:
+            return tuple(batch["latent"].shape[1:])
+        return tuple(self.vae.latent_shape(*batch["video"].shape[2:]))
 
     def batch_tokens(self, batch: dict[str, Any]) -> int:
         """Patch tokens in a batch (all samples)."""
-        if "latent" in batch:
-            return self.num_tokens(tuple(batch["latent"].shape[1:])) * len(batch["key"])
-        return self.num_tokens(self.vae.latent_shape(*batch["video"].shape[2:])) * len(batch["key"])
+        return self.num_tokens(self.latent_shape(batch)) * len(batch["key"])
 
     def prepare_inputs(self, batch: dict[str, Any]):
         """Latents ``x0 (B, C, T', H', W')``, text ``(B, L, D)`` + mask ``(B, L)``, and the sample draws.
@@ -491,13 +476,13 @@ class Trainer:
         text, text_mask = self.encode_text(captions)  # (B, L, D), (B, L)
         return x0, text, text_mask, t, noise
 
-    def all_reduce_sum(self, value: float) -> float:
-        """Sum a host number over the data-parallel ranks (identity when not distributed)."""
+    def all_reduce_sum(self, values: list[float]) -> list[float]:
+        """Sum host numbers over the data-parallel ranks in one all-reduce (identity when not distributed)."""
         if self.dp_group is None:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+            return [float(v) for v in values]
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(t, group=self.dp_group)
-        return float(t.item())
+        return t.tolist()
 
     def optimizer_step(self, loss: torch.Tensor | None = None) -> torch.Tensor:
         """Clip, step the optimizer and scheduler, zero the gradients, update the EMA; returns the grad norm.
