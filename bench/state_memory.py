@@ -61,9 +61,11 @@ model every dim 0 is a multiple of 4, so neither backend pads for N <= 4.
 Not model state, reported apart (``other``): a census of every live CPU tensor storage found through
 ``gc`` after the step, minus the tensors alive before the model was built, minus the counted ones.
 It shows what else a rank holds: for ZeRO-3 the contiguous-gradient IPG bucket, ``torch.empty(
-reduce_bucket_size)`` = 5e8 fp32 = 2 GB *virtual* per rank with vdit's ``reduce_bucket_size=5e8``
-(only the part written is resident); for FSDP2 nothing of note (its all-gather / reduce-scatter
-buffers are freed after use). Tensors held only by C++ (none expected after the step) are invisible
+reduce_bucket_size)``: 5e8 fp32 = 1.9 GiB per rank with DeepSpeed's default size (what vdit set
+before issue 11; only the part written is resident on CPU, all of it on CUDA), now the model's
+parameter count (:func:`vdit.train.parallel.deepspeed.bucket_elements`: 11.9M elements = 45.5 MiB
+for the default model); for FSDP2 nothing of note (its all-gather / reduce-scatter buffers are
+freed after use). Tensors held only by C++ (none expected after the step) are invisible
 to the census.
 """
 
@@ -277,7 +279,8 @@ def _worker(rank: int, world: int, port: int, backend: str, args: argparse.Names
         opt = build_optimizer(model, OPTIM)
         sched = build_scheduler(opt, OPTIM, 10)
         pcfg = ParallelConfig(backend="deepspeed", zero_stage=3)
-        ds_cfg = deepspeed_config(LoopConfig(precision="fp32", device="cpu"), pcfg, OPTIM, 1, 1, world)
+        ds_cfg = deepspeed_config(LoopConfig(precision="fp32", device="cpu"), pcfg, OPTIM, 1, 1, world,
+                                  sum(p.numel() for p in model.parameters()))  # buckets sized as the Trainer does
         if args.ds_persistence_threshold is not None:
             ds_cfg["zero_optimization"]["stage3_param_persistence_threshold"] = args.ds_persistence_threshold
         stamp("model")

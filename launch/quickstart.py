@@ -98,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
                                "last": {"step": val[-1][0], "value": round(val[-1][1], 4)}}
     _step("quickstart summary")
     print(json.dumps(summary, indent=2))
+    from vdit.eval.run_report import write_report
+    print(f"\nreport: {os.path.abspath(write_report(RUN))}  (open it in a browser)")
     if not last < first:
         print(f"warning: the loss did not fall (first 50 steps {first:.4f}, last 50 steps {last:.4f})", file=sys.stderr)
         return 1

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -34,13 +36,17 @@ from vdit.train.checkpoint import CheckpointManager, ModelOptimizerState
 from vdit.train.config import LoopConfig
 from vdit.train.optim import build_optimizer, build_scheduler
 from vdit.train.parallel.deepspeed import (
+    BUCKET_CAP_CPU,
+    BUCKET_CAP_CUDA,
     DeepSpeedState,
+    bucket_elements,
     build_deepspeed,
     deep_merge,
     deepspeed_config,
     deepspeed_state_dict,
     gather_full_state_dict_deepspeed,
     load_deepspeed_state_dict,
+    require_deepspeed,
 )
 from vdit.train.parallel.dims import ParallelConfig, ParallelDims
 
@@ -94,6 +100,35 @@ def test_config_errors():
         deepspeed_config(FP32, ParallelConfig(zero_stage=0), OPTIM, 1, 1, 1)
     with pytest.raises(FileNotFoundError):
         deepspeed_config(FP32, ParallelConfig(deepspeed_config="/nonexistent.json"), OPTIM, 1, 1, 1)
+
+
+def test_config_buckets_follow_the_model_and_user_json_wins(tmp_path):
+    """ZeRO buckets are sized to the model (DeepSpeed's 5e8-element default is a 1.9 GiB fp32 buffer
+    per rank); without a size, the device's cap; the user JSON's sizes win."""
+    z3 = deepspeed_config(FP32, ParallelConfig(zero_stage=3), OPTIM, 1, 1, 2, num_params=123_456)["zero_optimization"]
+    assert z3["reduce_bucket_size"] == z3["allgather_bucket_size"] == z3["stage3_prefetch_bucket_size"] == 123_456
+    big = deepspeed_config(FP32, ParallelConfig(zero_stage=2), OPTIM, 1, 1, 2, num_params=10 ** 10)
+    assert big["zero_optimization"]["reduce_bucket_size"] == BUCKET_CAP_CPU == bucket_elements(None, on_cuda=False)
+    assert "stage3_prefetch_bucket_size" not in big["zero_optimization"]
+    assert bucket_elements(10 ** 10, on_cuda=True) == BUCKET_CAP_CUDA and bucket_elements(7, on_cuda=True) == 7
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"zero_optimization": {"reduce_bucket_size": 999, "stage3_prefetch_bucket_size": 5}}))
+    user = deepspeed_config(FP32, ParallelConfig(zero_stage=3, deepspeed_config=str(path)), OPTIM, 1, 1, 2,
+                            num_params=123_456)["zero_optimization"]
+    assert (user["reduce_bucket_size"], user["allgather_bucket_size"], user["stage3_prefetch_bucket_size"]) == \
+        (999, 123_456, 5)
+
+
+def test_deepspeed_is_an_optional_extra(monkeypatch):
+    """Importing the Trainer never imports deepspeed; selecting it without the package names the extra."""
+    code = ("import sys; import vdit.train.trainer, vdit.train.main, vdit.train.parallel.deepspeed; "
+            "assert 'deepspeed' not in sys.modules, 'deepspeed imported at import time'")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    monkeypatch.setitem(sys.modules, "deepspeed", None)  # import deepspeed -> ImportError, as when absent
+    with pytest.raises(ImportError, match=r"pip install -e '\.\[deepspeed\]'"):
+        require_deepspeed()
 
 
 # -------------------------------------------------------------------------------------- reference

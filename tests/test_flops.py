@@ -12,8 +12,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tests.test_train import shards, tiny_cfg  # noqa: F401 - the shards fixture
 from vdit.model.dit import DiTConfig, VideoDiT, num_tokens
+from tests.multiproc import init_rank, spawn
 from vdit.train.flops import (
     ACCELERATOR_PEAK_FLOPS,
+    WorkCounter,
     accelerator_key,
     cpu_peak_flops,
     peak_flops,
@@ -129,6 +131,9 @@ def test_flops_budget_sets_the_steps_and_the_run_records_its_launch(shards, tmp_
     per_step = training_flops(tiny_cfg(shards, tmp_path).model, (3, 4, 32, 32), 8, 2)
     t = Trainer(tiny_cfg(shards, tmp_path / "r", f"train.flops_budget={5.5 * per_step}"))
     assert t.cfg.train.steps == 5
+    from vdit.train.optim import lr_lambda
+    # the LR schedule spans the budget's 5 steps, not the config's train.steps
+    assert t.scheduler.lr_lambdas[0](4) == lr_lambda(4, t.cfg.optim, 5) != lr_lambda(4, t.cfg.optim, 1000)
     t.fit()
     rows = [r for r in read_metrics(tmp_path / "r") if "perf/total_flops" in r]
     assert rows[-1]["step"] == 5 and rows[-1]["perf/total_flops"] == pytest.approx(5 * per_step, rel=1e-12)
@@ -145,3 +150,53 @@ def test_flops_budget_refuses_buckets(shards, tmp_path):  # noqa: F811
                "[{num_frames: 4, height: 32, width: 32}]}")
     with pytest.raises(ValueError, match="fixed-shape data"):
         tiny_cfg(shards, tmp_path, buckets, "train.flops_budget=1e9")
+
+
+def test_work_counter_without_a_group_stays_on_the_host():
+    w = WorkCounter("cpu")
+    assert w.add_step(10.0, 64, 2) == 64.0 and w.add_step(20.0, 128, 4) == 128.0
+    assert w.exact_totals() == {"flops": 30.0, "tokens": 192.0, "samples": 6.0} and w.totals["flops"] == 0.0
+    assert w.flush() == {"flops": 30.0, "tokens": 192.0, "samples": 6.0}
+    w.add_step(1.0, 1, 1)
+    assert w.flush() == {"flops": 1.0, "tokens": 1.0, "samples": 1.0}
+    assert w.totals == {"flops": 31.0, "tokens": 193.0, "samples": 7.0} and w.flush()["tokens"] == 0.0
+
+
+def _work_counter_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+
+    init_rank(rank, world, port)
+    w = WorkCounter("cpu", dist.group.WORLD)
+    steps = []
+    calls = {"n": 0}
+    tolist = torch.Tensor.tolist
+
+    def counting_tolist(self):
+        calls["n"] += 1
+        return tolist(self)
+
+    torch.Tensor.tolist = counting_tolist  # this process only: no host sync may happen per step
+    try:
+        for step in range(3):
+            tokens = w.add_step(1e9 * (rank + 1), 100 * (rank + 1) + step, rank + 1)  # ranks differ (buckets)
+            steps.append(tokens)
+        synced_per_step = calls["n"]
+        exact = w.exact_totals()
+        interval = w.flush()
+    finally:
+        torch.Tensor.tolist = tolist
+    return {"tokens": [(type(t).__name__, float(t)) for t in steps], "synced_per_step": synced_per_step,
+            "exact": exact, "interval": interval, "totals": w.totals}
+
+
+@pytest.mark.multiproc
+def test_work_counter_sums_over_ranks_and_syncs_only_on_flush(tmp_path):
+    """Two data-parallel ranks with different counts: each step's global tokens come back as a device
+    tensor (no host sync), the interval's sums reach the host only at flush, exactly."""
+    results = spawn(_work_counter_worker, 2, tmp_path)
+    for r in results:
+        assert [t for t, _ in r["tokens"]] == ["Tensor"] * 3
+        assert [v for _, v in r["tokens"]] == [300.0, 302.0, 304.0]  # (100 + s) + (200 + s)
+        assert r["synced_per_step"] == 0
+        want = {"flops": 3 * 3e9, "tokens": 906.0, "samples": 9.0}
+        assert r["exact"] == r["interval"] == r["totals"] == want

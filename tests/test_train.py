@@ -150,22 +150,35 @@ def test_bucketed_training_resumes_exactly(shards, tmp_path):
     assert rows and all(r["perf/tokens_per_s"] > 0 for r in rows)
 
 
-def test_training_on_vdit_encode_latents_resumes_exactly(shards, tmp_path):
-    """Latent shards from vdit-encode: the encoders do not run, caption dropout uses the cached null text."""
+def test_training_on_vdit_encode_latents_resumes_exactly(shards, tmp_path, monkeypatch):
+    """Latent shards from vdit-encode: the encoders are neither built nor run, caption dropout uses the
+    cached null text; sampling builds them on demand."""
     from vdit.data.encode import main as encode_main
+    from vdit.train import trainer as trainer_module
 
     out = str(tmp_path / "latents")
     assert encode_main(["--input", shards, "--output", out, "--num-frames", "4", "--frame-stride", "2",
                         "--height", "32", "--width", "32", "--text-encoder", "random", "--max-length", "8",
                         "--latent-dtype", "float32", "--text-store-dtype", "float32", "-q"]) == 0
+    build_frozen = trainer_module.build_frozen
+
+    def no_encoders(*args, **kwargs):
+        raise AssertionError("the frozen encoders were built for latent shards")
+
+    monkeypatch.setattr(trainer_module, "build_frozen", no_encoders)
     extra = ("data.caption_dropout=0.5",)
     full = Trainer(tiny_cfg(out, tmp_path / "full", *extra))
     assert full.data.is_latent
     full.fit()
+    assert full.vae is None and full.text_encoder is None and full.encode_text is None
     cfg = tiny_cfg(out, tmp_path / "split", *extra)
     Trainer(cfg).fit(stop_at=3)
     Trainer(cfg).fit()
     assert losses(tmp_path / "split") == losses(tmp_path / "full")
+    monkeypatch.setattr(trainer_module, "build_frozen", build_frozen)
+    text_encoder, vae, encode_text = full.frozen_encoders()  # what evaluate() asks for on rank 0
+    assert vae.latent_channels == 3 and encode_text(["a caption"])[0].shape == (1, 8, 32)
+    assert full.frozen_encoders()[1] is vae  # built once
     with pytest.raises(ValueError, match="in_channels|latent"):
         Trainer(tiny_cfg(out, tmp_path / "bad", "model.in_channels=4"))
 

@@ -3,12 +3,14 @@ per-caption text-feature cache. Used by the Trainer, vdit-sample and vdit-export
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from vdit.model.dit import VideoDiT
 from vdit.model.text import build_text_encoder
 from vdit.model.vae import build_autoencoder
-from vdit.train.config import TrainConfig
+from vdit.train.config import TextEncoderConfig, TrainConfig
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,29 +62,73 @@ def build_frozen(cfg: TrainConfig, device: torch.device):
     return text_encoder.to(device), vae.to(device)
 
 
+DEFAULT_TEXT_CACHE_BYTES = TextEncoderConfig.cache_bytes
+"""Default host bytes of :class:`TextCache` (``text_encoder.cache_bytes``, 2 GiB): 256 captions of a
+4096-wide encoder at 512 tokens (8 MiB each in fp32), ~43,000 of MiniLM (384 wide) at 32 tokens."""
+
+
 class TextCache:
-    """Frozen text features per caption, cached: ``captions -> ((B, max_length, D) float, (B, max_length) bool)``.
+    """Frozen text features per caption, cached on the host: ``captions -> ((B, L, D) float, (B, L) bool)``
+    on ``device``, with ``L = max_length``.
 
     Each caption is encoded alone and padded to ``max_length`` tokens, so its features never depend
     on which other captions share its batch; captions repeat across clips of one video and across
     epochs, so the cache saves most text-encoder work.
+
+    The features live in host (CPU) memory, in a least-recently-used cache bounded by bytes: a
+    4096-wide T5 at 512 tokens is 8 MiB per caption in fp32, so a cache on the accelerator (or one
+    bounded by a caption count) runs out of memory after a few thousand captions. A batch is
+    assembled on the host and moved to ``device`` on use; on CUDA through pinned memory, so the
+    copy is asynchronous (only the batch is pinned, never the whole cache).
+
+    Args:
+        encoder: a :class:`vdit.model.text.TextEncoder` (its ``encode(captions, device)``).
+        max_length: padded tokens ``L`` per caption.
+        device: where the returned batches live.
+        max_bytes: host bytes the cached features and masks may take (``text_encoder.cache_bytes``);
+            the least recently used captions are evicted beyond it; 0 caches nothing.
+
+    Raises:
+        ValueError: ``max_bytes < 0``.
     """
 
-    def __init__(self, encoder, max_length: int, device: torch.device, max_entries: int = 100_000):
-        self.encoder, self.max_length, self.device, self.max_entries = encoder, max_length, device, max_entries
-        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, encoder, max_length: int, device: torch.device | str,
+                 max_bytes: int = DEFAULT_TEXT_CACHE_BYTES):
+        if max_bytes < 0:
+            raise ValueError(f"TextCache max_bytes={max_bytes} must be >= 0 (text_encoder.cache_bytes)")
+        self.encoder, self.max_length, self.device, self.max_bytes = encoder, max_length, torch.device(device), max_bytes
+        self.cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()  # oldest use first
+        self.nbytes = 0  # host bytes held by ``cache``
+        self.hits = self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.cache)
+
+    def features(self, caption: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One caption's host features ``((1, L, D) float, (1, L) bool)`` on the CPU, from the cache or encoded."""
+        hit = self.cache.get(caption)
+        if hit is not None:
+            self.hits += 1
+            self.cache.move_to_end(caption)
+            return hit
+        self.misses += 1
+        h, m = self.encoder.encode([caption], device=self.device)  # (1, l, D), (1, l)
+        L = self.max_length
+        hp, mp = h.new_zeros(1, L, h.shape[-1], device="cpu"), m.new_zeros(1, L, device="cpu")
+        hp[:, :min(L, h.shape[1])], mp[:, :min(L, m.shape[1])] = h[:, :L].cpu(), m[:, :L].cpu()
+        size = hp.nbytes + mp.nbytes
+        if size <= self.max_bytes:
+            while self.nbytes + size > self.max_bytes:  # evict the least recently used
+                _, (oh, om) = self.cache.popitem(last=False)
+                self.nbytes -= oh.nbytes + om.nbytes
+            self.cache[caption] = (hp, mp)
+            self.nbytes += size
+        return hp, mp
 
     def __call__(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = []
-        for c in captions:
-            hit = self.cache.get(c)
-            if hit is None:
-                h, m = self.encoder.encode([c], device=self.device)  # (1, l, D), (1, l)
-                L = self.max_length
-                hp, mp = h.new_zeros(1, L, h.shape[-1]), m.new_zeros(1, L)
-                hp[:, :min(L, h.shape[1])], mp[:, :min(L, m.shape[1])] = h[:, :L], m[:, :L]
-                hit = (hp, mp)
-                if len(self.cache) < self.max_entries:
-                    self.cache[c] = hit
-            out.append(hit)
-        return torch.cat([h for h, _ in out]), torch.cat([m for _, m in out])
+        """``(text (B, L, D) float, mask (B, L) bool)`` on ``device`` for ``B`` captions."""
+        hits = [self.features(c) for c in captions]
+        h, m = torch.cat([h for h, _ in hits]), torch.cat([m for _, m in hits])  # (B, L, D), (B, L) host
+        if self.device.type == "cuda":
+            h, m = h.pin_memory(), m.pin_memory()
+        return h.to(self.device, non_blocking=True), m.to(self.device, non_blocking=True)

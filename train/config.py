@@ -76,6 +76,9 @@ class TextEncoderConfig:
     """Frozen text encoder: ``minilm`` (packaged, offline default), ``hf`` (local T5/UMT5 path), ``random`` (tests).
 
     ``dtype``: ``fp32`` | ``bf16`` | ``fp16`` | None (the encoder's default, fp32).
+    ``cache_bytes``: host memory (bytes, per rank) of the per-caption feature cache, an LRU
+    (:class:`vdit.train.build.TextCache`); 2 GiB holds 256 captions of a 4096-wide T5 at 512
+    tokens (8 MiB each in fp32). 0 disables the cache. Unused when training on latent shards.
     """
 
     name: str = "minilm"
@@ -83,6 +86,7 @@ class TextEncoderConfig:
     max_length: int = 32
     dtype: Optional[str] = None
     hidden_size: int = 384  # must equal the encoder's width (checked at build); model.text_dim follows it
+    cache_bytes: int = 2 * 1024 ** 3
 
 
 @dataclass
@@ -373,6 +377,7 @@ _RANGES = {
     "train.checkpoint_every": (lambda v: v >= 1, ">= 1"),
     "train.keep_last_k": (lambda v: v >= 1, ">= 1"),
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
+    "text_encoder.cache_bytes": (lambda v: v >= 0, ">= 0"),
     "data.frame_stride": (lambda v: v >= 1, ">= 1"),
     "data.target_fps": (lambda v: v is None or v > 0, "> 0 or null"),
     "data.read_retries": (lambda v: v >= 0, ">= 0"),

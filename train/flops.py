@@ -224,3 +224,63 @@ class PerfMeter:
             out["model/num_params"] = float(self.num_params)
             self._logged_params = True
         return out
+
+
+class WorkCounter:
+    """The run's global training work -- model FLOPs, patch tokens, samples over every data-parallel
+    rank -- counted every step without a host sync (DESIGN.md rule 3.7).
+
+    Each step's local counts are host numbers (from batch shapes). With data-parallel ranks they
+    are summed by one all-reduce of a ``(3,)`` float64 device tensor per step (the token-weighted
+    loss needs the step's global token count at once) and accumulated on the device; :meth:`flush`
+    brings the interval's sums to the host once per log interval, and :meth:`exact_totals` at a
+    checkpoint. float64 keeps the sums exact (integers below 2**53). Without a group the counts
+    never leave the host.
+
+    Args:
+        device: where the all-reduced counts live (the rank's device; NCCL needs CUDA tensors).
+        group: the data-parallel process group, or None (one data stream: no all-reduce).
+
+    Attributes:
+        totals: cumulative ``{"flops", "tokens", "samples"}`` up to the last :meth:`flush`
+            (host floats; checkpointed by the Trainer).
+    """
+
+    KEYS = ("flops", "tokens", "samples")
+
+    def __init__(self, device: torch.device, group=None):
+        self.device, self.group = torch.device(device), group
+        self.totals = dict.fromkeys(self.KEYS, 0.0)
+        self._host = [0.0, 0.0, 0.0]  # interval sums without a group
+        self._device: torch.Tensor | None = None  # (3,) float64 interval sums with a group
+
+    def add_step(self, flops: float, tokens: float, samples: float) -> float | torch.Tensor:
+        """Count one step's local work; returns the step's global token count: a host float without
+        a group, else a 0-dim float64 tensor on ``device`` (all-reduced, not synced to the host)."""
+        local = [float(flops), float(tokens), float(samples)]
+        if self.group is None:
+            self._host = [a + b for a, b in zip(self._host, local)]
+            return local[1]
+        t = torch.tensor(local, dtype=torch.float64)  # (3,) host
+        if self.device.type == "cuda":  # pinned -> an asynchronous copy, no wait for the queued kernels
+            t = t.pin_memory()
+        t = t.to(self.device, non_blocking=True)
+        torch.distributed.all_reduce(t, group=self.group)
+        self._device = t.clone() if self._device is None else self._device.add_(t)
+        return t[1]
+
+    def _pending(self) -> list[float]:
+        """The interval's global sums on the host (one host sync with a group)."""
+        return self._host if self._device is None else self._device.tolist()
+
+    def flush(self) -> dict[str, float]:
+        """The global ``{"flops", "tokens", "samples"}`` since the last flush, added to :attr:`totals`."""
+        interval = dict(zip(self.KEYS, self._pending()))
+        for k, v in interval.items():
+            self.totals[k] += v
+        self._host, self._device = [0.0, 0.0, 0.0], None
+        return interval
+
+    def exact_totals(self) -> dict[str, float]:
+        """:attr:`totals` plus what is not flushed yet (for a checkpoint); flushes nothing."""
+        return {k: self.totals[k] + v for k, v in zip(self.KEYS, self._pending())}

@@ -36,14 +36,15 @@ from vdit.train.build import (  # noqa: F401 - build_model is re-exported
 from vdit.train.checkpoint import CheckpointManager, GlobalDataState, ModelOptimizerState, ObjectState
 from vdit.train.config import TrainConfig
 from vdit.train.ema import EMA
-from vdit.train.flops import PerfMeter, peak_memory_bytes, training_flops
+from vdit.train.flops import PerfMeter, WorkCounter, peak_memory_bytes, training_flops
 from vdit.train.guard import StepGuard, rollback
 from vdit.train.logging import RunLogger
 from vdit.train.optim import build_optimizer, build_scheduler
 from vdit.train.parallel.attention import apply_attention_backend
-from vdit.train.parallel.deepspeed import DeepSpeedState, build_deepspeed, deepspeed_config
+from vdit.train.parallel.deepspeed import DeepSpeedState, build_deepspeed, deepspeed_config, require_deepspeed
 from vdit.train.parallel.dims import ParallelDims, init_distributed
 from vdit.train.parallel.fsdp import apply_activation_checkpointing, materialize_and_init, parallelize, sync_sp_gradients
+from vdit.train.parallel.group_encode import encode_once_per_group
 from vdit.train.parallel.sequence import apply_sequence_parallel, build_sp_groups
 from vdit.train.preemption import Preemption, write_requeue_file
 from vdit.train.runrecord import (
@@ -67,12 +68,14 @@ class _TrainerState:
         self.t = trainer
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.t.step, "torch": torch.get_rng_state(),
-                "numpy": np.random.get_state(), "python": random.getstate(), "totals": self.t.totals.copy()}
+        return {"step": self.t.step, "torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                "python": random.getstate(), "totals": self.t.work.exact_totals()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.t.step = int(state["step"])
-        self.t.totals = {**self.t.totals, **state.get("totals", {})}  # absent in checkpoints before v0.2
+        work = self.t.work
+        work.flush()  # counts of steps before this state are not this run's any more
+        work.totals = {**dict.fromkeys(work.KEYS, 0.0), **state.get("totals", {})}  # absent before v0.2
         torch.set_rng_state(state["torch"])
         np.random.set_state(state["numpy"])
         random.setstate(state["python"])
@@ -86,6 +89,11 @@ class Trainer:
 
     The run directory ``cfg.run_dir`` receives ``config.yaml``, ``metrics.jsonl``,
     ``checkpoints/step-N/``, ``samples/step-N/``, ``eval/step-N.json`` and ``wandb/``.
+
+    On latent shards (``vdit-encode``) the frozen text encoder and VAE are not built: ``text_encoder``,
+    ``vae`` and ``encode_text`` stay None until something needs them (:meth:`frozen_encoders`): the
+    in-loop sampling of ``eval.enabled`` (rank 0 only, at its first evaluation) or validation clips
+    read from video shards.
     """
 
     def __init__(self, cfg: TrainConfig):
@@ -107,28 +115,28 @@ class Trainer:
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
 
-        self.text_encoder, self.vae = build_frozen(cfg, self.device)
-        self.encode_text = TextCache(self.text_encoder, cfg.text_encoder.max_length, self.device)
-        self.engine = None  # DeepSpeed engine when parallel.backend=deepspeed
-        self.model, self.optimizer, self.scheduler = self.build_parallel_model()
-        self.ema = EMA(self.model, cfg.train.ema_decay)
         self.dp_rank, self.dp_size = self.dims.dp_rank, self.dims.dp_size
         self.dp_group = self.dims.dp_group if self.dist.is_distributed and self.dp_size > 1 else None
+        self.text_encoder = self.vae = self.encode_text = None  # built by frozen_encoders()
         self.data = self.build_data()
-        if self.data.is_latent:  # vdit-encode shards: the encoders do not run during training
+        if self.data.is_latent:  # vdit-encode shards carry latents and text: the encoders are not built
             check_encode_meta(self.data.latent_meta, expected_meta_from_config(cfg))
             null_text, null_mask = load_null_text(self.data.latent_dir)  # (L, D), (L,)
             self.null_text, self.null_mask = null_text.to(self.device).float(), null_mask.to(self.device)
-        if cfg.train.flops_budget > 0:
+        else:
+            self.frozen_encoders()
+        if cfg.train.flops_budget > 0:  # before the scheduler: its decay must span the budget's steps
             self.resolve_flops_budget()
+        self.engine = None  # DeepSpeed engine when parallel.backend=deepspeed
+        self.model, self.optimizer, self.scheduler = self.build_parallel_model()
+        self.ema = EMA(self.model, cfg.train.ema_decay)
         self.checkpoints = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_last_k)
-        self.validator = Validator(cfg, self.vae, self.encode_text, self.device, self.dtype, self.dp_rank,
+        self.validator = Validator(cfg, self.frozen_encoders, self.device, self.dtype, self.dp_rank,
                                    self.dp_size, self.dp_group) if cfg.eval.val_every else None
         self.step = 0
         # Cumulative global training work (all data-parallel ranks), checkpointed: the compute and
         # data axes of a scaling-law fit. FLOPs are model FLOPs (vdit.train.flops).
-        self.totals = {"flops": 0.0, "tokens": 0.0, "samples": 0.0}
-        self.step_counts = {"flops": 0.0, "tokens": 0.0, "samples": 0.0}
+        self.work = WorkCounter(self.device, self.dp_group)
         self.perf = PerfMeter(self.device, self.dist.world_size, cfg.model.num_params(), self.is_main)
         self.perf.peak  # resolved now (on CPU: measured once, ~1 s) rather than inside a timed log interval
         self.preemption = Preemption()
@@ -136,14 +144,28 @@ class Trainer:
         if self.is_main:  # everything built: now the run directory may be written
             write_config(cfg, self.run_dir, self.preflight)
 
+    def frozen_encoders(self):
+        """``(text_encoder, vae, encode_text)``, built on the first call (at start-up on video shards;
+        on latent shards only when sampling or video validation clips need them).
+
+        Raises:
+            ValueError: the encoders do not fit the model config (see :func:`build_frozen`).
+        """
+        if self.vae is None:
+            tc = self.cfg.text_encoder
+            self.text_encoder, self.vae = build_frozen(self.cfg, self.device)
+            self.encode_text = TextCache(self.text_encoder, tc.max_length, self.device, tc.cache_bytes)
+        return self.text_encoder, self.vae, self.encode_text
+
     def resolve_flops_budget(self) -> None:
         """Set ``train.steps`` to the whole steps that fit in ``train.flops_budget`` (model FLOPs) with
         this run's clip shape, padded caption length and global batch; logged, and recorded in
         config.yaml (written after this). ValueError when the budget buys no step."""
         c, d = self.cfg, self.cfg.data
         global_batch = d.batch_size * c.train.grad_accum_steps * self.dims.dp_size
-        per_step = training_flops(c.model, self.vae.latent_shape(d.num_frames, d.height, d.width), self.text_len,
-                                  global_batch)
+        encoded = self.data.latent_meta.get("latent_shape") if self.data.is_latent else None
+        latent = tuple(encoded) if encoded else self.frozen_encoders()[1].latent_shape(d.num_frames, d.height, d.width)
+        per_step = training_flops(c.model, latent, self.text_len, global_batch)
         steps = int(c.train.flops_budget // per_step)
         if steps < 1:
             raise ValueError(f"train.flops_budget={c.train.flops_budget:.3g} FLOPs is less than one step "
@@ -170,6 +192,7 @@ class Trainer:
                                         ulysses_group=groups.ulysses if groups else None,
                                         ring_group=groups.ring if groups else None)
         if pcfg.backend == "deepspeed":
+            require_deepspeed()  # an optional extra: fail before building anything, with the install command
             model = build_model(cfg, torch.device("cpu")).to(self.device)
             apply_attention_backend(model, pcfg.attention_backend, self.device)
             if sp is not None:
@@ -182,7 +205,7 @@ class Trainer:
                                  "EMA would have to follow ZeRO-3 partitions); use parallel.backend=fsdp, which "
                                  "shards parameters, gradients, optimizer state and EMA the same way")
             ds_cfg = deepspeed_config(cfg.train, pcfg, cfg.optim, cfg.data.batch_size, cfg.train.grad_accum_steps,
-                                      dims.dp_size)
+                                      dims.dp_size, sum(p.numel() for p in model.parameters() if p.requires_grad))
             self.engine = build_deepspeed(model, optimizer, scheduler, ds_cfg)
             return model, optimizer, scheduler
         with torch.device("meta"):
@@ -218,7 +241,7 @@ class Trainer:
         return VideoPipeline(
             d.shards, spec, None if buckets else d.batch_size, num_workers=d.num_workers, dp_rank=self.dp_rank,
             dp_size=self.dp_size, buckets=buckets,
-            tokens_fn=lambda t, h, w: self.num_tokens(self.vae.latent_shape(t, h, w)),
+            tokens_fn=lambda t, h, w: self.num_tokens(self.frozen_encoders()[1].latent_shape(t, h, w)),
             patch_size=tuple(self.cfg.model.patch_size),
             read=ShardReadSpec(d.read_retries, d.read_backoff_s, d.read_timeout_s), video_dtype=d.video_dtype)
 
@@ -279,7 +302,8 @@ class Trainer:
                            cfg.steps, self.step, is_main=self.is_main)
         batches = iter(self.data)
         pending: list[torch.Tensor] = []
-        t_last, wait, counts = time.perf_counter(), 0.0, {"flops": 0.0, "tokens": 0.0, "samples": 0.0}
+        t_last, wait = time.perf_counter(), 0.0
+        self.work.flush()  # the interval starts here (counts of steps before fit() belong to no row)
         eval_result, preempted = None, False
         watchdog = Watchdog(self.run_dir, self.dist.rank, self.cfg.reliability.watchdog_timeout_s).start()
         self.preemption.install()
@@ -294,16 +318,12 @@ class Trainer:
                     self.data.commit(b)
                 self.step += 1
                 pending.append(stats["loss"])
-                for k, v in self.step_counts.items():
-                    counts[k] += v
-                    self.totals[k] += v
                 logger.advance()
                 save_now = self.step % cfg.checkpoint_every == 0 or self.step == end or self.guard.preempt
                 if self.step % cfg.log_every == 0 or self.step == end or save_now:  # rows before their checkpoint
                     elapsed = time.perf_counter() - t_last
-                    self._log(logger, pending, stats, elapsed, wait, counts)
+                    self._log(logger, pending, stats, elapsed, wait)
                     pending, t_last, wait = [], time.perf_counter(), 0.0
-                    counts = dict.fromkeys(counts, 0.0)
                 if save_now and not self.guard.rollback_wanted:
                     watchdog.beat(f"checkpoint at step {self.step}")
                     self.save()
@@ -339,16 +359,22 @@ class Trainer:
             return
         logger.log(self.step, {name if name.startswith("gen/") else f"eval/{name}": m["mean"]
                                for name, m in result["metrics"].items() if m.get("mean") is not None})
+        if self.is_main:  # report.html follows every evaluation; a failure is logged, never raised
+            from vdit.eval.run_report import refresh_report
+            refresh_report(self.run_dir)
 
     def _log(self, logger: RunLogger, losses: list[torch.Tensor], stats: dict[str, torch.Tensor],
-             elapsed: float, wait: float, counts: dict[str, float]) -> None:
+             elapsed: float, wait: float) -> None:
+        """Write the rows of a log interval: the host syncs of the interval happen here (and in the guard)."""
         stacked = torch.stack(losses)  # (n,) this rank's share of each step's loss
         if self.dp_group is not None:
             torch.distributed.all_reduce(stacked, group=self.dp_group)  # -> the global loss of each step
         peak_memory = torch.tensor([float(peak_memory_bytes(self.device))], dtype=torch.float64, device=self.device)
         if self.dist.is_distributed:
             torch.distributed.all_reduce(peak_memory, op=torch.distributed.ReduceOp.MAX)  # the fullest rank
-        values = stacked.tolist()  # the one host sync of this interval
+        grad_norm = stats["grad_norm"].detach().to(self.device, torch.float64).reshape(1)
+        *values, peak, norm = torch.cat([stacked.double(), peak_memory, grad_norm]).tolist()  # one host sync
+        counts = self.work.flush()  # global flops / tokens / samples of the interval (one more with DP)
         first = self.step - len(values) + 1
         for i, v in enumerate(values[:-1]):
             logger.log(first + i, {"loss/train": v})
@@ -357,10 +383,10 @@ class Trainer:
             "loss/train": values[-1],
             "loss/train_mean": sum(values) / n,
             "optim/lr": self.scheduler.get_last_lr()[0],
-            "optim/grad_norm": float(stats["grad_norm"]),
+            "optim/grad_norm": norm,
             "perf/steps_per_s": n / elapsed,
             "perf/data_wait_frac": wait / elapsed,
-            **self.perf.interval(counts, n, elapsed, self.totals, float(peak_memory.item())),
+            **self.perf.interval(counts, n, elapsed, self.work.totals, peak),
             **self.guard.metrics(),
             "data/skipped": sum(self.data.skipped.values()),
             **{f"data/skipped/{k}": v for k, v in self.data.skipped.items()},
@@ -408,8 +434,11 @@ class Trainer:
         flops = sum(training_flops(self.cfg.model, self.latent_shape(b), self.text_len, len(b["key"]))
                     for b in micro_batches)
         samples = sum(len(b["key"]) for b in micro_batches)
-        # One all-reduce for the step's global counts (the loss normalisation needs the tokens now).
-        global_tokens, global_samples, global_flops = self.all_reduce_sum([sum(tokens), samples, flops])
+        # One all-reduce of the step's global counts, left on the device (the loss normalisation
+        # needs the tokens now, the host only at the log interval): a float, or an fp32 0-dim tensor.
+        global_tokens = self.work.add_step(flops, sum(tokens), samples)
+        if isinstance(global_tokens, torch.Tensor):
+            global_tokens = global_tokens.float()
         for batch, batch_tokens in zip(micro_batches, tokens):
             x0, text, text_mask, t, noise = self.prepare_inputs(batch)
             t, noise = t.to(self.device), noise.to(self.device)
@@ -431,7 +460,6 @@ class Trainer:
             else:
                 loss.backward()
             total += loss.detach() / self.dp_size
-        self.step_counts = {"flops": global_flops, "tokens": global_tokens, "samples": global_samples}
         return total
 
     @property
@@ -469,20 +497,13 @@ class Trainer:
         video = batch["video"].to(self.device, non_blocking=True)  # (B, 3, T, H, W)
         if video.dtype == torch.uint8:  # video_dtype=uint8: normalise on the device
             video = video.float() / 127.5 - 1.0
-        with torch.no_grad():
-            x0 = self.vae.encode(video)  # (B, C, T', H', W') in the model's latent space
+        # (B, C, T', H', W') in the model's latent space; with SP each rank of the group encodes a chunk
+        x0 = encode_once_per_group(self.vae.encode, video, self.latent_shape(batch),
+                                   self.dims.sp_group if self.dist.is_distributed and self.dims.sp_size > 1 else None)
         t, noise, drop = self.sample_randomness(batch["key"], tuple(x0.shape[1:]))
         captions = ["" if d else c for c, d in zip(batch["caption"], drop)]
         text, text_mask = self.encode_text(captions)  # (B, L, D), (B, L)
         return x0, text, text_mask, t, noise
-
-    def all_reduce_sum(self, values: list[float]) -> list[float]:
-        """Sum host numbers over the data-parallel ranks in one all-reduce (identity when not distributed)."""
-        if self.dp_group is None:
-            return [float(v) for v in values]
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        torch.distributed.all_reduce(t, group=self.dp_group)
-        return t.tolist()
 
     def optimizer_step(self, loss: torch.Tensor | None = None) -> torch.Tensor:
         """Clip, step the optimizer and scheduler, zero the gradients, update the EMA; returns the grad norm.
@@ -495,8 +516,8 @@ class Trainer:
         """
         if self.engine is not None:
             self.ema.update(self.model)
-            norm = self.engine.get_global_grad_norm()
-            norm = torch.tensor(float(norm) if norm is not None else 0.0)
+            norm = self.engine.get_global_grad_norm()  # a tensor or a float (no host sync for a tensor)
+            norm = torch.zeros(()) if norm is None else torch.as_tensor(norm).detach()
             self.guard.agree(loss, norm)  # preemption and rollback decisions (DeepSpeed skips overflows itself)
             return norm
         if self.dims.sp_size > 1 and not (self.dist.is_distributed and self.cfg.parallel.backend == "fsdp"):
@@ -528,9 +549,10 @@ class Trainer:
                 for p, q in zip(model.parameters(), self.model.parameters()):
                     p.copy_(q.full_tensor() if isinstance(q, DTensor) else q)
         result = None
-        if self.is_main:
-            result = evaluate_model(self.cfg, model, self.text_encoder, self.vae, self.step, self.run_dir,
-                                    self.device, encode_text=self.encode_text)
+        if self.is_main:  # on latent shards the encoders are built here, on rank 0 only, and kept
+            text_encoder, vae, encode_text = self.frozen_encoders()
+            result = evaluate_model(self.cfg, model, text_encoder, vae, self.step, self.run_dir, self.device,
+                                    encode_text=encode_text)
         if self.dist.is_distributed:
             torch.distributed.barrier()
         return result

@@ -89,17 +89,18 @@ class Validator:
 
     Args:
         cfg: the :class:`~vdit.train.config.TrainConfig`.
-        vae: the frozen autoencoder (unused for latent shards).
-        encode_text: ``captions -> (text (B, L, D), mask (B, L))`` (unused for latent shards).
+        encoders: ``() -> (text_encoder, vae, encode_text)``, called only when a clip is video (never
+            for latent shards, so a Trainer on latent shards builds no encoder for validation); ``vae``
+            is the frozen autoencoder, ``encode_text`` maps ``captions -> (text (B, L, D), mask (B, L))``.
         device: where the forward passes run.
         dtype: autocast dtype (fp32 disables autocast).
         dp_rank, dp_size, dp_group: this rank's data-parallel slot and the group to all-reduce over
             (``None`` when not distributed).
     """
 
-    def __init__(self, cfg, vae, encode_text: TextFn, device: torch.device, dtype: torch.dtype,
-                 dp_rank: int = 0, dp_size: int = 1, dp_group=None):
-        self.cfg, self.vae, self.encode_text, self.device, self.dtype = cfg, vae, encode_text, device, dtype
+    def __init__(self, cfg, encoders: Callable[[], tuple[Any, Any, TextFn]], device: torch.device,
+                 dtype: torch.dtype, dp_rank: int = 0, dp_size: int = 1, dp_group=None):
+        self.cfg, self.encoders, self.device, self.dtype = cfg, encoders, device, dtype
         self.dp_rank, self.dp_size, self.dp_group = dp_rank, dp_size, dp_group
         self.timesteps = [float(t) for t in cfg.eval.val_timesteps]
         self._clips: list[dict[str, Any]] | None = None  # encoded once: x0, text, mask, noise on the host
@@ -116,9 +117,10 @@ class Validator:
         if "latent" in clip:
             x0, text, mask = clip["latent"].float(), clip["text"].float(), clip["text_mask"]
         else:
+            _, vae, encode_text = self.encoders()
             video = clip["video"][None].to(self.device).float() / 127.5 - 1.0  # (1, 3, T, H, W) in [-1, 1]
-            x0 = self.vae.encode(video)[0].float().cpu()  # (C, T', H', W')
-            text, mask = self.encode_text([clip["caption"]])  # (1, L, D), (1, L)
+            x0 = vae.encode(video)[0].float().cpu()  # (C, T', H', W')
+            text, mask = encode_text([clip["caption"]])  # (1, L, D), (1, L)
             text, mask = text[0].float().cpu(), mask[0].cpu()
         g = torch.Generator().manual_seed(zlib.crc32(("val:" + clip["key"]).encode()))
         noise = torch.randn(x0.shape, generator=g)  # one fixed draw per clip

@@ -47,6 +47,34 @@ parameters and Adam moments (12 bytes per parameter) are gathered to rank 0's ho
 and load (other ranks hold one tensor at a time), which suits models up to a few billion
 parameters; beyond that DeepSpeed's own ``engine.save_checkpoint`` (per-rank partitions, same
 world size only) is the scalable route.
+
+DeepSpeed is an optional extra (``pip install -e '.[deepspeed]'``; ``make test`` installs it). This
+module imports it only inside functions (:func:`require_deepspeed`), so ``import vdit.train`` never
+does, and selecting ``parallel.backend=deepspeed`` without it fails at start-up with the command.
+
+Memory (measured with ``bench/state_memory.py --worlds 2 --backends deepspeed``: ZeRO-3, fp32, 2
+gloo ranks, an 11.93M-parameter VideoDiT, so 16 B x params / 2 = 91.0 MiB expected per rank):
+
+* Buckets. DeepSpeed's default ``reduce_bucket_size`` (5e8 elements, which vdit also set before)
+  makes ZeRO-3 allocate its contiguous-gradient IPG bucket as ``torch.empty(5e8)``: 1907 MiB fp32
+  per rank (1 GB in bf16, and ZeRO-1/2 allocate theirs the same way) whatever the model's size.
+  :func:`bucket_elements` now sizes ``reduce_bucket_size`` / ``allgather_bucket_size`` (and
+  ZeRO-3's ``stage3_prefetch_bucket_size``) to the model's trainable parameter count, capped at
+  5e8 elements on CUDA and 5e7 on CPU: 45.5 MiB for this model. Bucket sizes only group the
+  element-wise reductions, so the numbers trained are unchanged.
+* fp32 master copy (not fixable from the config). ZeRO-3 holds 20 B per parameter / N in fp32, not
+  16: 113.8 MiB sharded per rank here, 1.25x. DeepSpeed 0.19.8's ``_create_fp32_partitions``
+  aliases the fp32 master to the fp32 parameter partition only when ``partition.device ==
+  self.device``, and ``self.device`` is a string (``'cpu'``, ``'cuda:0'``) that never equals a
+  ``torch.device``, so a second fp32 copy is made. With bf16 (the default on CUDA) the separate
+  fp32 master is by design (2 B bf16 parameter + 4 B master + 4 B gradient + 8 B Adam). The
+  Trainer does not offer ZeRO-3 (use FSDP2, which holds 16 B / N); only the bench reaches it.
+* Persistent parameters. ZeRO-3 keeps parameters of at most ``stage3_param_persistence_threshold``
+  elements (DeepSpeed's default 1e5, left as is) whole on every rank: for this small model 213
+  tensors, 4.46M elements, 17.0 MiB replicated per rank, so 130.8 MiB per rank in all (1.44x).
+  ``{"zero_optimization": {"stage3_param_persistence_threshold": 2560}}`` (10 x hidden) in
+  ``parallel.deepspeed_config`` brings it to 0.18 MiB (114.0 MiB per rank, 1.25x); for billion-
+  parameter models the default replicates well under 1 %.
 """
 
 from __future__ import annotations
@@ -67,7 +95,15 @@ from vdit.train.parallel.dims import ParallelConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["deepspeed_config", "build_deepspeed", "deepspeed_state_dict", "load_deepspeed_state_dict",
+BUCKET_CAP_CUDA = int(5e8)
+"""Most elements per ZeRO reduce / all-gather bucket on CUDA (DeepSpeed's default, 1 GB in bf16)."""
+BUCKET_CAP_CPU = int(5e7)
+"""Most elements per bucket on CPU (gloo; tests and debugging): 200 MB in fp32."""
+STAGE3_PREFETCH_CAP = int(5e7)
+"""Most elements ZeRO-3 prefetches ahead (DeepSpeed's default ``stage3_prefetch_bucket_size``)."""
+INSTALL_HINT = "pip install -e '.[deepspeed]'"
+
+__all__ = ["deepspeed_config", "bucket_elements", "require_deepspeed", "build_deepspeed", "deepspeed_state_dict", "load_deepspeed_state_dict",
            "DeepSpeedState", "gather_full_state_dict_deepspeed", "deep_merge"]
 
 
@@ -80,16 +116,30 @@ def deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
+def _on_cuda(cfg_train) -> bool:
+    device = getattr(cfg_train, "device", "auto")
+    return (device == "auto" and torch.cuda.is_available()) or str(device).startswith("cuda")
+
+
 def _use_bf16(cfg_train) -> bool:
     precision = getattr(cfg_train, "precision", "fp32")
     if precision == "auto":
-        device = getattr(cfg_train, "device", "auto")
-        return (device == "auto" and torch.cuda.is_available()) or str(device).startswith("cuda")
+        return _on_cuda(cfg_train)
     return precision == "bf16"
 
 
+def bucket_elements(num_params: int | None, on_cuda: bool) -> int:
+    """ZeRO's communication bucket size in elements: the model's trainable parameter count, capped
+    at :data:`BUCKET_CAP_CUDA` on CUDA and :data:`BUCKET_CAP_CPU` otherwise (the cap alone when
+    ``num_params`` is None). A bucket never needs to be larger than the model: DeepSpeed's own
+    default (5e8 elements) allocates a 1.9 GiB fp32 buffer per rank (ZeRO-3's IPG bucket) even for
+    a model of a few million parameters."""
+    cap = BUCKET_CAP_CUDA if on_cuda else BUCKET_CAP_CPU
+    return cap if num_params is None else max(1, min(cap, int(num_params)))
+
+
 def deepspeed_config(cfg_train, cfg_parallel: ParallelConfig, optim_cfg, micro_batch: int, grad_accum: int,
-                     dp_size: int) -> dict[str, Any]:
+                     dp_size: int, num_params: int | None = None) -> dict[str, Any]:
     """The DeepSpeed config dict for a run.
 
     Generated: ``train_micro_batch_size_per_gpu=micro_batch``, ``gradient_accumulation_steps=
@@ -97,8 +147,10 @@ def deepspeed_config(cfg_train, cfg_parallel: ParallelConfig, optim_cfg, micro_b
     counts every rank as data parallel, see the module docstring), ZeRO ``zero_stage``, ``bf16``
     when ``cfg_train.precision`` is ``bf16`` (or ``auto`` on CUDA; DeepSpeed then keeps bf16
     parameters with fp32 master weights and Adam moments; keep the Trainer's autocast on), and
-    ``gradient_clipping=optim.grad_clip`` (when > 0). Then the user JSON
-    ``cfg_parallel.deepspeed_config`` is deep-merged over it.
+    ``gradient_clipping=optim.grad_clip`` (when > 0). Buckets: ``reduce_bucket_size``,
+    ``allgather_bucket_size`` and (ZeRO-3) ``stage3_prefetch_bucket_size`` are
+    :func:`bucket_elements` of ``num_params`` (see "Memory" in the module docstring). Then the user
+    JSON ``cfg_parallel.deepspeed_config`` is deep-merged over it (its bucket sizes win).
 
     Args:
         cfg_train: ``LoopConfig`` (``precision``, ``device``).
@@ -107,6 +159,7 @@ def deepspeed_config(cfg_train, cfg_parallel: ParallelConfig, optim_cfg, micro_b
         micro_batch: samples per rank per micro-batch (``data.batch_size``).
         grad_accum: micro-batches per optimizer step (``train.grad_accum_steps``).
         dp_size: data streams (``ParallelDims.dp_size``).
+        num_params: trainable parameters of the model (None: the device's cap).
 
     Raises:
         ValueError: the merged batch sizes disagree with each other or with the data settings (the
@@ -118,10 +171,12 @@ def deepspeed_config(cfg_train, cfg_parallel: ParallelConfig, optim_cfg, micro_b
         raise ValueError(f"parallel.zero_stage={cfg_parallel.zero_stage}: backend=deepspeed supports ZeRO stages "
                          "1-3 (stage 0 is plain data parallel: use backend=fsdp dp_replicate=N dp_shard=1)")
     world = dp_size * cfg_parallel.sp_size  # DeepSpeed's data-parallel group: every rank (see module docstring)
+    bucket = bucket_elements(num_params, _on_cuda(cfg_train))
     zero: dict[str, Any] = {"stage": cfg_parallel.zero_stage, "contiguous_gradients": True,
-                            "reduce_bucket_size": int(5e8), "allgather_bucket_size": int(5e8)}
+                            "reduce_bucket_size": bucket, "allgather_bucket_size": bucket}
     if cfg_parallel.zero_stage == 3:
-        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+        zero.update(stage3_gather_16bit_weights_on_model_save=False,
+                    stage3_prefetch_bucket_size=min(bucket, STAGE3_PREFETCH_CAP))
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
@@ -158,11 +213,19 @@ def deepspeed_config(cfg_train, cfg_parallel: ParallelConfig, optim_cfg, micro_b
 
 
 # ------------------------------------------------------------------------------------------ engine
-def _import_deepspeed():
+def require_deepspeed():
+    """Import and return the ``deepspeed`` module (an optional extra; never imported at module import time).
+
+    Raises:
+        ImportError: DeepSpeed is not installed (the message gives the install command).
+    """
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    import deepspeed
-
+    try:
+        import deepspeed
+    except ImportError as exn:
+        raise ImportError(f"parallel.backend=deepspeed needs DeepSpeed, an optional extra: {INSTALL_HINT} "
+                          f"(or use parallel.backend=fsdp) [{exn}]") from exn
     return deepspeed
 
 
@@ -183,7 +246,7 @@ def build_deepspeed(model: nn.Module, optimizer: torch.optim.Optimizer, schedule
     Returns:
         The ``DeepSpeedEngine``; ``engine.module`` is ``model`` (same parameter names).
     """
-    deepspeed = _import_deepspeed()
+    deepspeed = require_deepspeed()
     if not dist.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
