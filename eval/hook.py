@@ -1,6 +1,8 @@
 """Evaluation inside training: sample prompts, write mp4s and a contact sheet, score, save JSON.
 
-Called by the Trainer every ``eval.every`` steps and at the end of training. Output per step N:
+Called by the Trainer every ``eval.every`` steps and at the end of training, and beside training by
+``vdit-eval checkpoint`` / ``vdit-eval watch`` (:mod:`vdit.eval.watch`) on a model loaded from a
+checkpoint. Output per step N:
 ``{run_dir}/samples/step-N/*.mp4``, ``contact_sheet.png``, ``prompts.json``, ``scenes.json`` and
 ``{run_dir}/eval/step-N.json`` with per-video scores and per-checkpoint means (with counts).
 """
@@ -206,10 +208,15 @@ def score_videos(videos: list[np.ndarray], params: list[SceneParams | None], fps
 
 
 def evaluate_model(cfg, model: torch.nn.Module, text_encoder, vae, step: int, run_dir: str, device: torch.device,
-                   encode_text: Callable) -> dict[str, Any]:
+                   encode_text: Callable, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """Sample ``cfg.eval.prompts`` plus physics prompts, write them, score them, save ``eval/step-N.json``.
 
-    Returns the JSON written (``{"step", "metrics", "videos", "contact_sheet"}``).
+    ``model`` is any plain single-device model (the Trainer's gathered copy, or one loaded from a
+    checkpoint by ``vdit-eval checkpoint`` / ``watch``); ``extra`` keys are added to the JSON (e.g.
+    who scored it and from which checkpoint). The JSON is written atomically (temp file + rename),
+    so a reader (the report, a watcher checking whether a step is scored) never sees half of it.
+
+    Returns the JSON written (``{"step", "metrics", "videos", "contact_sheet", "sampler", **extra}``).
     """
     e, d = cfg.eval, cfg.data
     fps = d.target_fps or 8.0
@@ -232,7 +239,16 @@ def evaluate_model(cfg, model: torch.nn.Module, text_encoder, vae, step: int, ru
         "sampler": {"num_steps": e.num_steps, "solver": e.solver, "cfg_scale": e.cfg_scale, "flow_shift": e.flow_shift,
                     "seed": e.seed, "weights": "ema" if e.use_ema else "raw"},
     }
-    os.makedirs(os.path.join(run_dir, "eval"), exist_ok=True)
-    with open(os.path.join(run_dir, "eval", f"step-{step}.json"), "w") as f:
+    result.update(extra or {})
+    path = eval_json_path(run_dir, step)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
         json.dump(result, f, indent=2, default=float)
+    os.replace(tmp, path)
     return result
+
+
+def eval_json_path(run_dir: str, step: int) -> str:
+    """``{run_dir}/eval/step-N.json``: where the evaluation of step N is written (in-loop or beside training)."""
+    return os.path.join(run_dir, "eval", f"step-{step}.json")

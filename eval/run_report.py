@@ -368,7 +368,7 @@ def write_report(run_dir: str, out: str | None = None) -> str:
     out = out or os.path.join(run_dir, "report.html")
     page = build_report(run_dir)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = out + ".tmp"
+    tmp = f"{out}.tmp{os.getpid()}"  # per process: the trainer and a watcher may both refresh it
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(page)
     os.replace(tmp, out)  # a reader (browser refresh) never sees a half-written page

@@ -7,6 +7,11 @@ Run:
     vdit-eval videos gen/ --reference physics-IQ-benchmark/split-videos/testing/30FPS   # + Physics-IQ
     vdit-eval videos gen/ --weights dino=/models/dino-vitb16 --weights clip=/models/clip-b32 --metrics all
     vdit-eval runs/quickstart/samples/step-400          # old form: same as `vdit-eval videos ...`
+    vdit-eval checkpoint runs/quickstart/checkpoints/step-00000400 eval.num_steps=10   # score one checkpoint
+    vdit-eval watch runs/quickstart --every-seconds 60 --device cuda:1     # score checkpoints as they appear
+
+``checkpoint`` and ``watch`` sample with a checkpoint's weights and the run's eval config, as the
+in-loop evaluation does, and write where it writes: see :mod:`vdit.eval.watch`.
 
 Inputs: ``--prompts`` a JSON list of ``{"prompt", "path"}`` (as ``prompts.json`` of a samples
 folder, used automatically when present) or ``{file name: prompt}``; ``--scenes`` a JSON
@@ -163,9 +168,14 @@ def videos_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Console-script entry point (``vdit-eval``): ``vdit-eval videos ...``, or the old
-    ``vdit-eval <videos or folders> [--scene-json F] [--out F]``, which runs the same command."""
+    """Console-script entry point (``vdit-eval``): ``vdit-eval videos ...``, ``vdit-eval checkpoint ...``,
+    ``vdit-eval watch ...``, or the old ``vdit-eval <videos or folders> [--scene-json F] [--out F]``,
+    which runs ``videos``."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("checkpoint", "watch"):
+        from vdit.eval import watch
+
+        return (watch.checkpoint_main if argv[0] == "checkpoint" else watch.watch_main)(argv[1:])
     if argv and argv[0] == "videos":
         argv = argv[1:]
     return videos_main(argv)
