@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from .layers import RMSNorm
 from .rope import apply_rotary
 
 __all__ = ["AttentionCore", "sdpa_attention", "math_attention", "Attention"]
@@ -107,7 +108,7 @@ class Attention(nn.Module):
         dim: model width ``D`` of the queries (and of the output).
         num_heads: number of heads ``H``; the head dim is ``dim // num_heads``.
         context_dim: width of the key/value source for cross-attention; ``None`` means ``dim``.
-        qk_norm: apply ``torch.nn.RMSNorm`` over the head dim of q and k (shared across heads),
+        qk_norm: apply :class:`~vdit.model.layers.RMSNorm` over the head dim of q and k (shared across heads),
             which keeps attention logits bounded at scale (as in SD3 / Esser et al. 2024).
 
     Attributes:
@@ -130,8 +131,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(kv_dim, dim)
         self.v_proj = nn.Linear(kv_dim, dim)
         self.out_proj = nn.Linear(dim, dim)
-        self.q_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = nn.RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.core: AttentionCore = sdpa_attention
 
     def forward(

@@ -77,8 +77,8 @@ class RotaryEmbedding3D(nn.Module):
         self.axes_dim = axes
 
     def inv_freq(self, device: torch.device | str | None = None) -> torch.Tensor:
-        """Per-pair angular frequencies, ``(3, D/2)`` laid out per axis chunk: rows are a one-hot
-        selection of the axis, so ``angles = positions @ inv_freq`` gives ``(L, D/2)`` in fp32."""
+        """Per-pair angular frequencies, ``(3, D/2)`` laid out per axis chunk: each column has one non-zero
+        row (its axis), so ``angles = positions @ inv_freq`` gives ``(L, D/2)`` (computed element-wise in fp32)."""
         table = torch.zeros(3, self.head_dim // 2, device=device, dtype=torch.float32)
         start = 0
         for axis, d in enumerate(self.axes_dim):
@@ -114,7 +114,10 @@ class RotaryEmbedding3D(nn.Module):
         elif positions.ndim != 2 or positions.shape[-1] != 3:
             raise ValueError(f"positions must be (L, 3); got {tuple(positions.shape)}")
         pos = positions.to(torch.float32)  # (L, 3)
-        angles = pos @ self.inv_freq(pos.device)  # (L, D/2)
+        # Element-wise, not ``pos @ inv_freq``: autocast runs a matmul in bf16 (cos off by up to 0.08 on
+        # a 16x30x52 grid) and CUDA may run an fp32 matmul in TF32. Each row of inv_freq has one
+        # non-zero per column, so the sum is exact: the same fp32 angles as an fp32 matmul.
+        angles = (pos[:, :, None] * self.inv_freq(pos.device)[None]).sum(dim=1)  # (L, D/2)
         angles = angles.repeat_interleave(2, dim=-1)  # (L, D)
         return angles.cos(), angles.sin()  # (L, D), (L, D)
 

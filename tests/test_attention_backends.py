@@ -36,6 +36,48 @@ def test_auto_falls_back_to_sdpa_without_flash_attn():
         flash_attention(q, k, v)
 
 
+@pytest.fixture
+def fake_flash(monkeypatch):
+    """flash-attn "installed" without a GPU: selection only inspects names, it runs no kernel."""
+    backends._logged.clear()
+    monkeypatch.setattr(backends, "_flash_func", lambda: (lambda q, k, v: q, "fa2"))
+    return backends.flash_attention
+
+
+def test_auto_picks_by_compute_dtype(fake_flash, caplog):
+    """Issue 14 #3: auto chose flash whenever it imported, so precision=fp32 on a GPU failed at the
+    first forward ("flash attention needs fp16/bf16"); now flash only for CUDA and fp16/bf16."""
+    with caplog.at_level(logging.INFO, logger="vdit"):
+        for dtype in (torch.bfloat16, torch.float16):
+            assert select_attention_backend("auto", "cuda", dtype) == (fake_flash, "flash")
+        for dtype in (torch.float32, None):  # None: compute dtype unknown -> treated as fp32
+            assert select_attention_backend("auto", "cuda", dtype) == (sdpa_attention, "sdpa")
+            assert select_attention_backend("auto", "cuda:1", dtype) == (sdpa_attention, "sdpa")
+        assert select_attention_backend("auto", "cpu", torch.bfloat16) == (sdpa_attention, "sdpa")
+        select_attention_backend("auto", "cuda", torch.float32)  # same choice again: not logged again
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs.count("attention backend: sdpa (auto: compute dtype float32 (flash needs fp16/bf16))") == 1
+    assert "attention backend: flash (auto: fa2 installed, device cuda, dtype bfloat16)" in msgs
+    with pytest.raises(ValueError, match=r"'flash' needs an fp16/bf16 compute dtype, got float32"):
+        select_attention_backend("flash", "cuda", torch.float32)
+    assert select_attention_backend("flash", "cuda", torch.bfloat16)[1] == "flash"
+
+
+def test_apply_fp32_on_cuda_gives_sdpa_inside_the_sp_wrapper(fake_flash):
+    """The Ulysses inner kernel follows the same dtype rule (it is the kernel the backend sets)."""
+    cfg = DiTConfig(in_channels=3, hidden_size=32, depth=2, num_heads=2, text_dim=16)
+    model = VideoDiT(cfg)
+
+    class Wrapper:  # stands in for vdit.train.parallel.sequence.SequenceParallelCore
+        inner = math_attention
+
+    model.blocks[0].attn.core = wrapper = Wrapper()
+    assert apply_attention_backend(model, "auto", "cuda", torch.float32) == "sdpa"
+    assert wrapper.inner is sdpa_attention and model.blocks[1].attn.core is sdpa_attention
+    assert apply_attention_backend(model, "auto", "cuda", torch.bfloat16) == "flash"
+    assert wrapper.inner is fake_flash and model.blocks[0].cross_attn.core is fake_flash
+
+
 def test_explicit_backends_and_unknown_name():
     assert select_attention_backend("sdpa") == (sdpa_attention, "sdpa")
     assert select_attention_backend("math", "cpu") == (math_attention, "math")
@@ -122,7 +164,7 @@ def test_attention_with_lse_gradients_match_math():
 @pytest.mark.skipif(not (torch.cuda.is_available() and flash_attn_available()), reason="needs CUDA and flash-attn")
 def test_flash_matches_sdpa_bf16():
     q, k, v = (t.cuda() for t in _qkv(b=2, lq=256, lk=256, h=4, d=64, dtype=torch.bfloat16))
-    core, name = select_attention_backend("auto", "cuda")
+    core, name = select_attention_backend("auto", "cuda", torch.bfloat16)
     assert name == "flash"
     out = core(q, k, v)
     torch.testing.assert_close(out.float(), sdpa_attention(q, k, v).float(), atol=2e-2, rtol=2e-2)

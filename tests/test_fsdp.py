@@ -10,6 +10,10 @@ which Adam's normalisation grows for near-zero gradients; one wrong update is ~l
 gradient norms are compared because Adam + clipping are blind to a uniformly mis-scaled gradient.
 Meta-init weights and activation-checkpointing losses/gradients: exact.
 
+Issue 14: the foreach EMA on local shards equals the DTensor loop exactly; deferred gradient sync
+sends one reduce-scatter per FSDP group per step with the same gradients (rtol 1e-6: summation
+order); under a 1-rank bf16 policy the flow time and RoPE tables reach the model in fp32.
+
 Run: ``.venv/bin/python -m pytest tests/test_fsdp.py -v`` (spawns 2 and 4 gloo ranks).
 """
 
@@ -34,8 +38,10 @@ from vdit.train.parallel.fsdp import (
     is_sharded,
     materialize_and_init,
     parallelize,
+    set_gradient_sync,
     sync_sp_gradients,
 )
+from vdit.train.ema import EMA
 
 LOSS_RTOL = 1e-5
 PARAM_ATOL = 5e-5
@@ -137,6 +143,8 @@ def _worker_fsdp2(rank: int, world: int, port: int, out: str) -> None:
     res["norms"] = []
     res["losses"] = train(model, dims.dp_rank, dims.dp_size, dp_group=dims.dp_mesh.get_group(), norms=res["norms"])
     res["params"] = gather_full_state_dict(model)  # rank 0 only
+    res["ema"] = _ema_check(model)
+    res["accum"] = {defer: _accumulate(model, dims, defer) for defer in (True, False)}
     # backend=none + SP: every rank weights the full-batch loss by w_r (sum 1), sync_sp_gradients SUMs.
     plain = plain_model()
     w = (0.3, 0.7)[rank]
@@ -145,6 +153,47 @@ def _worker_fsdp2(rank: int, world: int, port: int, out: str) -> None:
     sync_sp_gradients(plain, dist.group.WORLD, bucket_bytes=4096)
     res["sp_grads"] = {n: p.grad.clone() for n, p in plain.named_parameters()}
     return res
+
+
+def _ema_check(model) -> dict:
+    """Issue 14 #5: the foreach EMA update on local shards equals a DTensor ``lerp_`` per parameter."""
+    ema = EMA(model, 0.9)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # a shadow different from the parameters (as after some steps)
+        for t in ema.shadow.values():
+            t.to_local().add_(torch.randn(t.to_local().shape, generator=g))
+    ref = {n: t.clone() for n, t in ema.shadow.items()}
+    ema.update(model)
+    for n, p in model.named_parameters():
+        ref[n].lerp_(p.detach().float(), 0.1)  # the update before issue 14
+    return {"dtensor": all(isinstance(t, DTensor) for t in ema.shadow.values()),
+            "equal": all(torch.equal(ema.shadow[n].to_local(), ref[n].to_local()) for n in ref)}
+
+
+def _accumulate(model, dims: ParallelDims, defer: bool, micro: int = 2) -> tuple[int, dict]:
+    """Issue 14 #6: one step of ``micro`` accumulated micro-batches on this rank's slice of the global
+    batch; returns (reduce-scatters issued, full gradients)."""
+    calls = []
+    original = dist.reduce_scatter_single
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    batch, per = global_batch(0), GLOBAL_BATCH // dims.dp_size
+    dist.reduce_scatter_single = counting  # FSDP2's DefaultReduceScatter looks it up at call time
+    try:
+        for i in range(micro):
+            n = per // micro
+            start = dims.dp_rank * per + i * n
+            set_gradient_sync(model, i == micro - 1, defer)
+            (loss_fn(model, batch, slice(start, start + n)) / micro).backward()
+    finally:
+        dist.reduce_scatter_single = original
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    set_gradient_sync(model, True)
+    return len(calls), grads
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +226,29 @@ def test_fsdp_two_ranks_matches_one(fsdp2_results, reference):
         torch.testing.assert_close(params[k], v, rtol=0, atol=PARAM_ATOL, msg=k)
     moved = [k for k, v in reference["params"].items() if not torch.equal(v, reference["init"][k])]
     assert len(moved) == len(reference["params"])  # every parameter trained (adaLN-Zero ones included)
+
+
+@pytest.mark.multiproc
+def test_ema_foreach_on_shards_equals_dtensor_loop(fsdp2_results):
+    for res in fsdp2_results:
+        assert res["ema"] == {"dtensor": True, "equal": True}
+
+
+@pytest.mark.multiproc
+def test_deferred_gradient_sync_reduces_once_per_step(fsdp2_results):
+    """Accumulating 2 micro-batches: deferred sync issues one reduce-scatter per FSDP group (2 blocks +
+    root = 3) per step instead of one per micro-batch, and the gradients equal the undeferred ones
+    (up to summation order) and the full-batch gradient of one process."""
+    model = plain_model()
+    trained = fsdp2_results[0]["params"]
+    model.load_state_dict(trained)  # the state both ranks accumulated from (after the 5 steps)
+    loss_fn(model, global_batch(0)).backward()
+    for res in fsdp2_results:
+        (n_defer, deferred), (n_every, every) = res["accum"][True], res["accum"][False]
+        assert (n_defer, n_every) == (3, 6)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(deferred[n], every[n], rtol=1e-6, atol=1e-9, msg=n)
+            torch.testing.assert_close(deferred[n], p.grad, rtol=1e-5, atol=1e-7, msg=n)
 
 
 @pytest.mark.multiproc
@@ -293,3 +365,77 @@ def test_parallelize_requires_apply_sp_for_sequence_parallel():
         model = VideoDiT(model_cfg())
     with pytest.raises(ValueError, match="needs apply_sp"):
         parallelize(model, dims, dims.cfg)
+
+
+# ------------------------------------------------------------------------- 1 rank, bf16 parameters
+def _worker_bf16_inputs(rank: int, world: int, port: int, out: str) -> dict:
+    """What reaches the timestep embedding and the attention's RoPE under an FSDP2 bf16 policy, with
+    vdit's policy (inputs not cast) and with FSDP's default ``cast_forward_inputs=True`` (issue 14 #2)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)  # 1 rank
+    cfg = ParallelConfig(backend="fsdp", param_dtype="bf16")
+    dims = ParallelDims(cfg, world, num_heads=2)
+    dims.build_mesh("cpu")
+    batch = global_batch(0)
+    t = torch.full((1,), 0.7431)
+    res = {}
+    for policy in ("vdit", "fsdp_default"):
+        with torch.device("meta"):
+            model = VideoDiT(model_cfg(depth=1))
+        reference = copy.deepcopy(model)
+        if policy == "vdit":
+            parallelize(model, dims, cfg)
+        else:
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            fully_shard(model.blocks[0], mesh=dims.fsdp_mesh, mp_policy=mp)
+            fully_shard(model, mesh=dims.fsdp_mesh, mp_policy=mp)
+        materialize_and_init(model, "cpu", seed=0, reference=reference)
+        seen = {}
+        model.t_embedder.register_forward_pre_hook(lambda m, args: seen.update(t=args[0].clone()))
+
+        def attn_hook(m, args, kwargs):
+            seen.update(rope=[r.dtype for r in kwargs["rope"]], weight=m.q_proj.weight.dtype)
+
+        model.blocks[0].attn.register_forward_pre_hook(attn_hook, with_kwargs=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(batch["x"][:1], t, batch["text"][:1], batch["mask"][:1])
+        out.float().square().mean().backward()
+        seen["grad_dtype"] = model.blocks[0].attn.q_proj.weight.grad.dtype
+        seen["param_dtype"] = model.blocks[0].attn.q_proj.weight.dtype
+        res[policy] = seen
+    return res
+
+
+@pytest.mark.multiproc
+def test_bf16_policy_keeps_time_and_rope_in_fp32(tmp_path):
+    res = spawn(_worker_bf16_inputs, 1, tmp_path)[0]
+    ours, default = res["vdit"], res["fsdp_default"]
+    assert ours["t"].dtype == torch.float32 and ours["t"].item() == torch.tensor(0.7431).item()
+    assert ours["rope"] == [torch.float32, torch.float32]
+    assert ours["weight"] == torch.bfloat16  # the policy is active: the block computes on bf16 weights
+    assert ours["param_dtype"] == ours["grad_dtype"] == torch.float32  # sharded params and grads stay fp32
+    # FSDP's default cast_forward_inputs=True rounds both (what vdit did before issue 14)
+    assert default["t"].dtype == torch.bfloat16 and default["t"].item() == 0.7421875
+    assert default["rope"] == [torch.bfloat16, torch.bfloat16]
+
+
+def test_deferred_sync_is_dropped_when_the_full_gradient_would_not_fit(monkeypatch):
+    """14B parameters of fp32 gradients (56 GB) on an 80 GB card: every micro-batch reduce-scatters."""
+    from types import SimpleNamespace
+
+    from vdit.train.parallel.fsdp import defer_grad_sync_fits
+
+    def cfg(params, accum=2, defer=True):
+        return SimpleNamespace(parallel=SimpleNamespace(defer_grad_sync=defer),
+                               train=SimpleNamespace(grad_accum_steps=accum),
+                               model=SimpleNamespace(num_params=lambda: params))
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: SimpleNamespace(total_memory=80e9))
+    cuda = torch.device("cuda", 0)
+    assert defer_grad_sync_fits(cfg(1.3e9), cuda) is True         # 5.2 GB <= 20 GB
+    assert defer_grad_sync_fits(cfg(14e9), cuda) is False         # 56 GB > 20 GB
+    assert defer_grad_sync_fits(cfg(14e9, accum=1), cuda) is True  # nothing to defer
+    assert defer_grad_sync_fits(cfg(1.3e9, defer=False), cuda) is False
+    assert defer_grad_sync_fits(cfg(14e9), torch.device("cpu")) is True

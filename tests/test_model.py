@@ -3,6 +3,8 @@ parameter counts, masks, swappable attention core."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -322,3 +324,30 @@ def test_without_cross_attention_text_conditions_through_pooled_embedding(modula
         out = model(x, t, text, mask)
         assert torch.allclose(out, model(x, t, text2, mask), atol=1e-6)
         assert not torch.allclose(out, model(x, t, text + 1.0, mask), atol=1e-4)
+
+
+def test_rms_norm_under_bf16_autocast_keeps_the_fused_kernel():
+    """Issue 14 #9: a bf16 input with the fp32 weight made F.rms_norm fall back from the fused kernel
+    ("Mismatch dtype between input and weight", ~2.4x slower on GPU). The weight is now applied in the
+    input dtype; the statistics stay fp32 and the result is within bf16 rounding of the fp32 norm."""
+    from vdit.model.layers import RMSNorm
+
+    norm = RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, 16))
+    x = torch.randn(4, 6, 2, 16, generator=torch.Generator().manual_seed(0)) * 3
+    ref = norm(x)  # fp32 input: unchanged behaviour
+    torch.testing.assert_close(ref, torch.nn.functional.rms_norm(x, (16,), norm.weight, 1e-6), rtol=0, atol=0)
+    model = VideoDiT(tiny_cfg())
+    randomize(model)
+    x_in, tt, text, mask = inputs()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the fallback warning (or any other) fails the test
+        out = norm(x.bfloat16())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(x_in, tt, text, mask)  # every q/k norm of a bf16 forward (issue: one warning per call)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=1.6e-2, atol=1e-2)  # bf16: 8 bits of mantissa
+    xg = x.bfloat16().requires_grad_()
+    norm(xg).float().sum().backward()  # the cast is differentiable: the fp32 weight gets its gradient
+    assert norm.weight.grad is not None and norm.weight.grad.dtype == torch.float32

@@ -134,6 +134,38 @@ def test_init_distributed_single_process_does_not_initialize(monkeypatch):
     assert not dist.is_initialized()
 
 
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    """Two "visible GPUs" on a CPU machine: records set_device and the collectives' order (issue 14 #7)."""
+    calls: list = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", torch.device(d))))
+    return calls
+
+
+def test_init_distributed_sets_the_device_for_a_new_group(fake_cuda, monkeypatch):
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: fake_cuda.append(("init", k["device_id"])))
+    env = {**rank_env(3, 4, 29500), "LOCAL_RANK": "1"}
+    info = init_distributed(environ=env)
+    assert info == DistInfo(3, 4, 1, torch.device("cuda", 1))
+    assert fake_cuda == [("set_device", torch.device("cuda", 1)), ("init", torch.device("cuda", 1))]
+
+
+def test_init_distributed_sets_the_device_for_an_existing_group(fake_cuda, monkeypatch):
+    """A reused group (tests, notebooks, a launcher that initialized it) used to skip set_device, so
+    NCCL object collectives and barriers of every rank ran on cuda:0."""
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_rank", lambda group=None: 3)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 4)
+    info = init_distributed(environ={"LOCAL_RANK": "1"})
+    assert info == DistInfo(3, 4, 1, torch.device("cuda", 1))
+    assert fake_cuda == [("set_device", torch.device("cuda", 1))]
+    fake_cuda.clear()
+    info = init_distributed(environ={})  # no LOCAL_RANK: rank modulo the visible devices
+    assert info.device == torch.device("cuda", 1) and fake_cuda == [("set_device", torch.device("cuda", 1))]
+
+
 # ------------------------------------------------------------------------------------------- mesh
 def _mesh_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     info = init_distributed(environ=rank_env(rank, world, port))
@@ -168,3 +200,20 @@ def test_mesh_on_four_ranks(tmp_path):
         assert hsdp["sp_group_size"] == 1 and hsdp["dp_group_size"] == 4
         assert (hsdp["dp_rank"], hsdp["sp_rank"]) == (rank, 0)
         assert hsdp["coord"] == (rank // 2, rank % 2, 0)
+
+
+def test_param_dtype_auto_follows_the_compute_dtype_on_cuda():
+    """Issue 14 #2: bf16 FSDP parameters are the default of a bf16 GPU run; CPU runs stay fp32."""
+    from vdit.train.parallel.dims import resolve_param_dtype
+
+    assert ParallelConfig().param_dtype == "auto"
+    assert resolve_param_dtype("auto", torch.bfloat16, "cuda") == "bf16"
+    assert resolve_param_dtype("auto", torch.bfloat16, torch.device("cuda", 1)) == "bf16"
+    assert resolve_param_dtype("auto", torch.float32, "cuda") == "fp32"
+    assert resolve_param_dtype("auto", torch.bfloat16, "cpu") == "fp32"
+    assert resolve_param_dtype("bf16", torch.bfloat16, "cpu") == "bf16"  # explicit: honoured on CPU too
+    assert resolve_param_dtype("fp32", torch.bfloat16, "cuda") == "fp32"
+    with pytest.raises(ValueError, match=r"param_dtype=bf16 needs .* autocast.*train.precision=bf16"):
+        resolve_param_dtype("bf16", torch.float32, "cuda")  # inputs are not cast: bf16 weights need autocast
+    with pytest.raises(ValueError, match="param_dtype"):
+        dims(2, param_dtype="int8")

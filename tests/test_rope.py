@@ -75,3 +75,15 @@ def test_axis_split_and_invalid_head_dim():
         RotaryEmbedding3D(30, axes_dim=(9, 11, 10))  # odd chunks
     with pytest.raises(ValueError):
         apply_rotary(torch.randn(1, 5, 1, 32), *RotaryEmbedding3D(32)((1, 2, 2)))  # L mismatch
+
+
+def test_tables_stay_fp32_under_autocast():
+    """Issue 14 #2: the angles were a matmul, which bf16 autocast ran in bf16 (cos off by up to 0.08 on
+    this grid). Now element-wise: fp32 under autocast, equal to the fp32 matmul bit for bit."""
+    rope = RotaryEmbedding3D(64)
+    grid = (16, 30, 52)
+    ref = (grid_positions(grid) @ rope.inv_freq()).repeat_interleave(2, dim=-1)  # (L, D) fp32 matmul
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cos, sin = rope(grid)
+    assert cos.dtype == sin.dtype == torch.float32
+    assert torch.equal(cos, ref.cos()) and torch.equal(sin, ref.sin())

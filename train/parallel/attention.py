@@ -15,12 +15,15 @@ Backends (:func:`select_attention_backend`):
     sdpa   ``torch.nn.functional.scaled_dot_product_attention`` (the model's default); PyTorch picks
            its own fused kernel (flash / memory-efficient / math) underneath.
     math   :func:`vdit.model.attention.math_attention`, explicit fp32 softmax; a reference for tests.
-    auto   flash when flash-attn is installed and the device is CUDA, else sdpa.
+    auto   flash when flash-attn is installed, the device is CUDA *and* the compute dtype is fp16/bf16
+           (the autocast dtype, or the parameter dtype without autocast), else sdpa. An fp32 run on a
+           GPU therefore gets SDPA (flash-attn refuses fp32), and so does Ulysses' inner kernel, which
+           is the kernel chosen here.
 
 Apply to a model from the outside (DESIGN.md 3.1)::
 
     from vdit.train.parallel.attention import apply_attention_backend
-    name = apply_attention_backend(model, "auto", device)   # before apply_sequence_parallel
+    name = apply_attention_backend(model, "auto", device, dtype)   # before apply_sequence_parallel
 
 :func:`attention_with_lse` returns the per-row log-sum-exp next to the output; ring attention
 (``sequence.py``) merges partial results over key blocks with it.
@@ -51,8 +54,9 @@ __all__ = [
 log = logging.getLogger("vdit")
 
 BACKENDS = ("auto", "flash", "sdpa", "math")
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _INSTALL_HINT = "install FlashAttention with `pip install vdit[gpu]` (or `pip install flash-attn`)"
-_logged: set[tuple[str, str]] = set()
+_logged: set[tuple[str, str, str]] = set()
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,45 +114,59 @@ def flash_attention(
 
 
 def select_attention_backend(
-    name: str = "auto", device: torch.device | str | None = None
+    name: str = "auto", device: torch.device | str | None = None, dtype: torch.dtype | None = None
 ) -> tuple[Callable, str]:
-    """Resolve a backend name to a kernel.
+    """Resolve a backend name to a kernel for a compute device and dtype.
 
     Args:
         name: ``auto | flash | sdpa | math`` (see the module docstring).
         device: where the model runs; ``auto`` picks flash only for CUDA. ``None`` means CPU.
+        dtype: the compute dtype the kernel will see (the autocast dtype, e.g. ``train.precision``
+            resolved by ``vdit.train.build.resolve_precision``). ``auto`` picks flash only for
+            fp16/bf16; ``None`` (unknown) is treated as fp32 by ``auto``. An explicit ``flash`` with
+            a known non-fp16/bf16 dtype is refused here, not at the first forward.
 
     Returns:
         ``(core, resolved_name)`` where ``resolved_name`` is ``flash``, ``sdpa`` or ``math``. The
-        choice is logged once (logger ``vdit``, level INFO).
+        choice is logged once per (name, resolved, reason) (logger ``vdit``, level INFO).
 
     Raises:
-        ValueError: for an unknown name (lists the valid ones).
+        ValueError: for an unknown name (lists the valid ones), or ``flash`` with an fp32 ``dtype``.
         ImportError: ``flash`` requested without flash-attn installed (with the install hint).
     """
     if name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; valid: {list(BACKENDS)}")
     dev = torch.device(device) if device is not None else torch.device("cpu")
+    dt = str(dtype).replace("torch.", "") if dtype is not None else "fp32 (unspecified)"
     reason = "requested"
     if name == "auto":
-        if dev.type == "cuda" and flash_attn_available():
-            resolved, reason = "flash", f"auto: {_flash_func()[1]} installed, device {dev}"
+        if dev.type != "cuda":
+            resolved, reason = "sdpa", f"auto: device {dev}"
+        elif dtype not in FLASH_DTYPES:  # flash-attn has no fp32 kernel: SDPA picks its own fused one
+            resolved, reason = "sdpa", f"auto: compute dtype {dt} (flash needs fp16/bf16)"
+        elif not flash_attn_available():
+            resolved, reason = "sdpa", "auto: flash-attn not installed"
         else:
-            resolved = "sdpa"
-            reason = f"auto: device {dev}" if dev.type != "cuda" else "auto: flash-attn not installed"
+            resolved, reason = "flash", f"auto: {_flash_func()[1]} installed, device {dev}, dtype {dt}"
     else:
         resolved = name
+    if resolved == "flash" and dtype is not None and dtype not in FLASH_DTYPES:
+        raise ValueError(f"attention backend 'flash' needs an fp16/bf16 compute dtype, got {dt}; set "
+                         "train.precision=bf16, or parallel.attention_backend=sdpa (or auto)")
     if resolved == "flash" and not flash_attn_available():
         raise ImportError(f"attention backend 'flash' needs flash-attn, which is not importable; {_INSTALL_HINT}")
     core = {"flash": flash_attention, "sdpa": sdpa_attention, "math": math_attention}[resolved]
-    if (name, resolved) not in _logged:
-        _logged.add((name, resolved))
+    if (name, resolved, reason) not in _logged:
+        _logged.add((name, resolved, reason))
         log.info("attention backend: %s (%s)", resolved, reason)
     return core, resolved
 
 
-def apply_attention_backend(model: nn.Module, name: str = "auto", device: torch.device | str | None = None) -> str:
+def apply_attention_backend(model: nn.Module, name: str = "auto", device: torch.device | str | None = None,
+                            dtype: torch.dtype | None = None) -> str:
     """Set ``core`` on every :class:`~vdit.model.attention.Attention` of ``model`` (self and cross).
+
+    ``name``, ``device`` and ``dtype`` (the compute dtype) resolve as in :func:`select_attention_backend`.
 
     If sequence parallelism already wraps a core, the backend replaces the kernel *inside* the SP
     wrapper (its ``inner`` attribute) rather than the wrapper itself.
@@ -156,7 +174,7 @@ def apply_attention_backend(model: nn.Module, name: str = "auto", device: torch.
     Returns:
         The resolved backend name.
     """
-    core, resolved = select_attention_backend(name, device)
+    core, resolved = select_attention_backend(name, device, dtype)
     for module in model.modules():
         if isinstance(module, Attention):
             if hasattr(module.core, "inner"):  # an SP wrapper (vdit.train.parallel.sequence)

@@ -38,7 +38,7 @@ import torch.distributed as dist
 log = logging.getLogger(__name__)
 
 __all__ = ["ParallelConfig", "DistInfo", "DistEnv", "parse_dist_env", "first_slurm_host", "init_distributed",
-           "ParallelDims", "BACKENDS", "SP_MODES", "AC_MODES", "DTYPES"]
+           "ParallelDims", "BACKENDS", "SP_MODES", "AC_MODES", "DTYPES", "resolve_param_dtype"]
 
 BACKENDS = ("fsdp", "deepspeed", "none")
 SP_MODES = ("ulysses", "ring", "hybrid")
@@ -67,14 +67,23 @@ class ParallelConfig:
             (deep merge).
         param_dtype, reduce_dtype: FSDP ``MixedPrecisionPolicy``: compute dtype of the gathered
             parameters and dtype of the gradient reduction (``fp32``/``bf16``/``fp16``). Sharded
-            parameters and optimizer states stay fp32. GPU runs set ``param_dtype=bf16``.
+            parameters and optimizer states stay fp32. ``param_dtype=auto`` (default) is ``bf16``
+            when ``train.precision`` resolves to bf16 on CUDA and ``fp32`` otherwise (CPU runs stay
+            fp32): all-gathers move half the bytes and autocast no longer re-casts every weight in
+            every forward and recompute (:func:`resolve_param_dtype`). The reduction stays fp32.
         reshard_after_forward: free gathered parameters after forward (ZeRO-3-like; False keeps
             them until backward, ZeRO-2-like, more memory, one all-gather less).
+        defer_grad_sync: with gradient accumulation under FSDP, reduce-scatter gradients once per
+            step (at the last micro-batch) instead of once per micro-batch; costs the unsharded
+            gradients of the whole model in memory between micro-batches (``reduce_dtype`` bytes per
+            parameter per rank); on CUDA it is dropped, with a warning, when that exceeds a quarter of
+            the device (:func:`vdit.train.parallel.fsdp.defer_grad_sync_fits`, ``set_gradient_sync``).
         activation_checkpointing: ``none``, ``full`` (every block) or ``selective`` (every
             ``ac_every``-th block, counting from the first).
         ac_every: the period of ``selective`` checkpointing.
         compile: ``torch.compile`` every block (in place, parameter names unchanged).
-        attention_backend: attention kernel for the SP wrapper (``auto`` picks the best available).
+        attention_backend: attention kernel (also Ulysses' inner kernel): ``auto`` picks flash-attn on CUDA
+            for a bf16/fp16 compute dtype when it is installed, SDPA otherwise (fp32 included).
     """
 
     backend: str = "fsdp"
@@ -86,13 +95,36 @@ class ParallelConfig:
     ring_size: int = 1
     zero_stage: int = 2
     deepspeed_config: Optional[str] = None
-    param_dtype: str = "fp32"
+    param_dtype: str = "auto"
     reduce_dtype: str = "fp32"
     reshard_after_forward: bool = True
+    defer_grad_sync: bool = True
     activation_checkpointing: str = "none"
     ac_every: int = 2
     compile: bool = False
     attention_backend: str = "auto"
+
+
+def resolve_param_dtype(name: str, compute_dtype: torch.dtype, device: torch.device | str) -> str:
+    """``parallel.param_dtype`` for a run computing in ``compute_dtype`` (the autocast dtype) on ``device``.
+
+    ``auto`` -> ``bf16`` for a bf16 run on CUDA, else ``fp32``. An explicit low-precision
+    ``param_dtype`` must equal the compute dtype: FSDP does not cast the forward's inputs (so the
+    flow time and the RoPE tables stay fp32, see :func:`vdit.train.parallel.fsdp.apply_fsdp`), so the
+    forward needs the autocast of that dtype to run the matmuls on the low-precision weights.
+
+    Raises:
+        ValueError: an unknown name, or ``param_dtype`` bf16/fp16 without a matching ``train.precision``.
+    """
+    if name == "auto":
+        return "bf16" if compute_dtype == torch.bfloat16 and torch.device(device).type == "cuda" else "fp32"
+    if name not in DTYPES:
+        raise ValueError(f"parallel.param_dtype={name!r} is not one of {['auto', *DTYPES]}")
+    if name != "fp32" and DTYPES[name] != compute_dtype:
+        raise ValueError(f"parallel.param_dtype={name} needs the forward to run under {name} autocast, but "
+                         f"train.precision resolves to {str(compute_dtype).replace('torch.', '')}; set "
+                         f"train.precision={name}, or parallel.param_dtype=auto (or fp32)")
+    return name
 
 
 # ------------------------------------------------------------------------------------- environment
@@ -205,12 +237,21 @@ def init_distributed(timeout_s: float = 1800.0, environ: Mapping[str, str] | Non
     initialized process group (tests, notebooks) is reused. Under SLURM the torchrun variables
     (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``) are exported, so
     libraries reading them (DeepSpeed) agree.
+
+    On CUDA the current device is set to ``cuda:LOCAL_RANK`` (modulo the visible devices) in every
+    branch, before any collective: NCCL object collectives and barriers run on the *current*
+    device, so a reused group without ``set_device`` would put every rank's traffic on cuda:0.
     """
     cuda = torch.cuda.is_available()
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count()) if cuda else rank))
-        return DistInfo(rank, world, local, torch.device("cuda", local) if cuda else torch.device("cpu"))
+        env = os.environ if environ is None else environ
+        local = int(env.get("LOCAL_RANK", rank % max(1, torch.cuda.device_count()) if cuda else rank))
+        device = torch.device("cpu")
+        if cuda:
+            device = torch.device("cuda", local % torch.cuda.device_count())
+            torch.cuda.set_device(device)
+        return DistInfo(rank, world, local, device)
     e = parse_dist_env(environ)
     device = torch.device("cuda", e.local_rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
     if cuda:
@@ -259,7 +300,7 @@ class ParallelDims:
         self.cfg, self.world_size = cfg, world_size
         for name, value, allowed in (("backend", cfg.backend, BACKENDS), ("sp_mode", cfg.sp_mode, SP_MODES),
                                      ("activation_checkpointing", cfg.activation_checkpointing, AC_MODES),
-                                     ("param_dtype", cfg.param_dtype, tuple(DTYPES)),
+                                     ("param_dtype", cfg.param_dtype, ("auto", *DTYPES)),
                                      ("reduce_dtype", cfg.reduce_dtype, tuple(DTYPES))):
             if value not in allowed:
                 raise ValueError(f"parallel.{name}={value!r} is not one of {list(allowed)}")
