@@ -4,6 +4,11 @@ Layout: ``{run_dir}/checkpoints/step-{N:08d}/`` holds DCP's sharded files plus `
 last, so a checkpoint interrupted mid-save is never picked by ``resume=auto``. ``keep_last_k``
 complete checkpoints are kept; older ones are deleted after a successful save.
 
+``save(blocking=False)`` (``train.async_checkpoint``) writes DCP's files in the background
+(:mod:`vdit.train.async_checkpoint`): the JSON state is written and the tensors are copied to CPU
+at the call, ``COMPLETE`` follows once every rank's write has finished (agreed in :meth:`poll` /
+:meth:`wait`), pruning only after that, and at most one save is in flight.
+
 Everything that must survive a restart is a ``Stateful`` (an object with ``state_dict()`` /
 ``load_state_dict()``) registered under a name: model + optimizer (:class:`ModelOptimizerState`,
 through DCP's ``get_state_dict``/``set_state_dict`` so FQNs match across sharding layouts),
@@ -29,6 +34,7 @@ import os
 import pickle
 import re
 import shutil
+import time
 import warnings
 from contextlib import contextmanager
 from typing import Any
@@ -45,6 +51,8 @@ from torch.distributed.checkpoint.filesystem import FileSystemReader
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.checkpoint.stateful import Stateful
+
+from vdit.train.async_checkpoint import AsyncSaver
 
 log = logging.getLogger(__name__)
 
@@ -273,13 +281,15 @@ class CheckpointManager:
     Args:
         directory: ``{run_dir}/checkpoints``.
         keep_last_k: complete checkpoints to keep (>= 1).
+        timeout_s: timeout of the async saves' gloo groups (``reliability.collective_timeout_s``).
     """
 
-    def __init__(self, directory: str, keep_last_k: int = 2):
+    def __init__(self, directory: str, keep_last_k: int = 2, timeout_s: float = 1800.0):
         if keep_last_k < 1:
             raise ValueError(f"keep_last_k must be >= 1; got {keep_last_k}")
         self.directory = directory
         self.keep_last_k = keep_last_k
+        self.background = AsyncSaver(timeout_s)
 
     def path(self, step: int) -> str:
         return os.path.join(self.directory, f"step-{step:08d}")
@@ -311,32 +321,85 @@ class CheckpointManager:
         good = [s for s in self.complete_steps() if not self.marker(s).get("suspect", False)]
         return self.path(good[-1]) if good else None
 
-    def save(self, step: int, state: dict[str, Any], suspect: bool = False) -> str:
+    def save(self, step: int, state: dict[str, Any], suspect: bool = False, blocking: bool = True) -> str:
         """Write ``state`` (name -> Stateful or tensors/plain data) as checkpoint ``step``; returns its path.
 
         :class:`JsonState` entries go to ``vdit_state.json`` (rank 0) / ``vdit_state.rank{r}.json``,
         everything else through DCP; ``COMPLETE`` (with ``suspect``) is written last, atomically.
+        Collective: every rank calls it at the same step.
+
+        ``blocking=False``: returns once the state is snapshotted (JSON written, tensors copied to CPU)
+        while DCP writes the files in the background; a save still in flight is finished first, and
+        ``COMPLETE`` is written by a later :meth:`poll` / :meth:`wait`.
         """
+        if self.background.pending is not None:
+            self.wait()  # at most one save in flight
         path = self.path(step)
         if _is_rank0() and os.path.exists(path):
             shutil.rmtree(path)  # a half-written leftover of a crashed save
         _barrier()
         json_items = {k: v for k, v in state.items() if isinstance(v, JsonState)}
         dcp_items = {k: v for k, v in state.items() if k not in json_items}
-        with _single_process_quiet():
-            dcp.save(dcp_items, checkpoint_id=path)
+        if blocking:
+            with _single_process_quiet():
+                dcp.save(dcp_items, checkpoint_id=path)
+        # Serialised now, in the training thread: the JSON state is that of this step, async or not.
         shared = {k: to_json(v.state_dict()) for k, v in json_items.items() if not v.per_rank}  # all ranks gather
         own = {k: to_json(v.state_dict()) for k, v in json_items.items() if v.per_rank}
+        os.makedirs(path, exist_ok=True)
         if own:
             _write_json(os.path.join(path, f"vdit_state.rank{_rank()}.json"), {"format": 1, "entries": own})
         if _is_rank0():
             _write_json(os.path.join(path, "vdit_state.json"), {"format": 1, "entries": shared})
+        if not blocking:
+            self.background.start(step, path, dcp_items, suspect)
+            return path
         _barrier()
         if _is_rank0():
-            _write_json(os.path.join(path, "COMPLETE"), {"step": step, "suspect": bool(suspect)})
-            self._prune()
+            self._mark_complete(step, suspect)
         _barrier()
         return path
+
+    def poll(self) -> str | None:
+        """Mark the in-flight save ``COMPLETE`` if every rank has finished writing it; returns its path then.
+
+        Collective while a save is in flight (one small all-reduce): call it at the same point of
+        every step on every rank. A failed write raises (as a blocking save would).
+        """
+        if self.background.pending is None or not self.background.all_done():
+            return None
+        return self.wait()
+
+    def wait(self, collective: bool = True) -> str | None:
+        """Wait for the in-flight save (if any) and mark it ``COMPLETE``; returns its path, or None.
+
+        ``collective``: the ranks agree that every write succeeded, then rank 0 writes the marker and
+        prunes; a failed write raises :class:`CheckpointError` on every rank. ``collective=False``
+        (leaving after an exception, when another rank may be gone): no collectives; rank 0 marks the
+        checkpoint if its own save succeeded, which DCP only reports once every rank's files are written.
+        """
+        if self.background.pending is None:
+            return None
+        pending, ok, error = self.background.take(collective)
+        if ok and _is_rank0():
+            self._mark_complete(pending.step, pending.suspect)
+            log.info("checkpoint: %s complete (written in the background, %.1f s)", pending.path,
+                     time.perf_counter() - pending.started)
+        if collective:
+            self.background.barrier()  # every rank sees the marker (and the pruning) from here on
+        if not ok:
+            msg = f"checkpoint {pending.path} was not written" + (f" on this rank: {error!r}" if error else
+                                                                 " on another rank")
+            if not collective:
+                log.error("%s; it stays incomplete and is never resumed from", msg)
+                return None
+            raise CheckpointError(msg) from error
+        return pending.path
+
+    def _mark_complete(self, step: int, suspect: bool) -> None:
+        """Rank 0, once every rank's files of ``step`` are written: the marker, then pruning."""
+        _write_json(os.path.join(self.path(step), "COMPLETE"), {"step": step, "suspect": bool(suspect)})
+        self._prune()
 
     def load(self, path: str, state: dict[str, Any]) -> int:
         """Load checkpoint ``path`` into ``state`` in place (Statefuls get ``load_state_dict``); returns its step.

@@ -153,6 +153,11 @@ class LoopConfig:
     replaces ``steps`` by ``floor(flops_budget / FLOPs per step)``, computed at start-up from the
     model, the clip shape, the padded caption length and the global batch (an iso-FLOP sweep gives
     every model size the same budget). Needs fixed-shape data (no ``data.buckets``).
+    ``async_checkpoint``: write checkpoints in the background (``dcp.async_save``): training stalls
+    only while the state is copied to host memory (one extra host copy of this rank's model,
+    optimizer and EMA state, kept and refilled by later saves); ``COMPLETE`` follows once every
+    rank's write has finished, at most one save is in flight, and a save still running when ``fit``
+    ends is waited for. ``false``: the blocking save (no extra host memory).
     """
 
     steps: int = 100
@@ -164,6 +169,7 @@ class LoopConfig:
     log_every: int = 10
     checkpoint_every: int = 50
     keep_last_k: int = 2
+    async_checkpoint: bool = True
     resume: str = "auto"
     device: str = "auto"
 

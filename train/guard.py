@@ -120,6 +120,7 @@ def rollback(trainer: Any) -> str:
     """
     g, cfg = trainer.guard, trainer.cfg
     reason = g.rollback_wanted
+    trainer.checkpoints.wait()  # an async save still being written (every rank is here) may be the last good one
     target = trainer.checkpoints.last_good()
     hint = (f"lower optim.lr (now {cfg.optim.lr:g}) or optim.grad_clip, check the data of the last steps, "
             "then rerun the same command: it resumes from the last good checkpoint")

@@ -42,8 +42,9 @@ from vdit.train.logging import RunLogger
 from vdit.train.optim import build_optimizer, build_scheduler
 from vdit.train.parallel.attention import apply_attention_backend
 from vdit.train.parallel.deepspeed import DeepSpeedState, build_deepspeed, deepspeed_config, require_deepspeed
-from vdit.train.parallel.dims import ParallelDims, init_distributed
-from vdit.train.parallel.fsdp import apply_activation_checkpointing, materialize_and_init, parallelize, sync_sp_gradients
+from vdit.train.parallel.dims import ParallelDims, init_distributed, resolve_param_dtype
+from vdit.train.parallel.fsdp import (apply_activation_checkpointing, materialize_and_init, parallelize,
+                                      defer_grad_sync_fits, set_gradient_sync, sync_sp_gradients)
 from vdit.train.parallel.group_encode import encode_once_per_group
 from vdit.train.parallel.sequence import apply_sequence_parallel, build_sp_groups
 from vdit.train.preemption import Preemption, write_requeue_file
@@ -130,7 +131,8 @@ class Trainer:
         self.engine = None  # DeepSpeed engine when parallel.backend=deepspeed
         self.model, self.optimizer, self.scheduler = self.build_parallel_model()
         self.ema = EMA(self.model, cfg.train.ema_decay)
-        self.checkpoints = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_last_k)
+        self.checkpoints = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_last_k,
+                                             timeout_s=cfg.reliability.collective_timeout_s)
         self.validator = Validator(cfg, self.frozen_encoders, self.device, self.dtype, self.dp_rank,
                                    self.dp_size, self.dp_group) if cfg.eval.val_every else None
         self.step = 0
@@ -138,6 +140,7 @@ class Trainer:
         # data axes of a scaling-law fit. FLOPs are model FLOPs (vdit.train.flops).
         self.work = WorkCounter(self.device, self.dp_group)
         self.perf = PerfMeter(self.device, self.dist.world_size, cfg.model.num_params(), self.is_main)
+        self.defer_grad_sync = defer_grad_sync_fits(cfg, self.device)
         self.perf.peak  # resolved now (on CPU: measured once, ~1 s) rather than inside a timed log interval
         self.preemption = Preemption()
         self.guard = StepGuard(cfg.reliability, self.device, self.preemption)
@@ -194,7 +197,7 @@ class Trainer:
         if pcfg.backend == "deepspeed":
             require_deepspeed()  # an optional extra: fail before building anything, with the install command
             model = build_model(cfg, torch.device("cpu")).to(self.device)
-            apply_attention_backend(model, pcfg.attention_backend, self.device)
+            apply_attention_backend(model, pcfg.attention_backend, self.device, self.dtype)
             if sp is not None:
                 sp(model)
             apply_activation_checkpointing(model, pcfg.activation_checkpointing, pcfg.ac_every)
@@ -212,8 +215,10 @@ class Trainer:
             model = VideoDiT(cfg.model)
         # One process has nothing to shard over: FSDP only when there is a process group.
         eff = pcfg if self.dist.is_distributed else dataclasses.replace(pcfg, backend="none")
+        # parallel.param_dtype=auto: bf16 FSDP parameters (fp32 reduction) for a bf16 run on CUDA
+        eff = dataclasses.replace(eff, param_dtype=resolve_param_dtype(pcfg.param_dtype, self.dtype, self.device))
         reference = copy.deepcopy(model) if eff.backend == "fsdp" else None
-        apply_attention_backend(model, pcfg.attention_backend, self.device)
+        apply_attention_backend(model, pcfg.attention_backend, self.device, self.dtype)
         parallelize(model, dims, eff, apply_sp=sp)
         materialize_and_init(model, self.device, cfg.train.seed, reference=reference)
         optimizer = build_optimizer(model, cfg.optim)
@@ -258,9 +263,10 @@ class Trainer:
             if self.is_main:
                 log.error("checkpoint: step %d NOT saved: non-finite weights", self.step)
             return None
-        path = self.checkpoints.save(self.step, self._stateful(), suspect=self.guard.suspect)
+        background = self.cfg.train.async_checkpoint
+        path = self.checkpoints.save(self.step, self._stateful(), suspect=self.guard.suspect, blocking=not background)
         if self.is_main:
-            log.info("checkpoint: saved %s", path)
+            log.info("checkpoint: %s %s", "writing in the background" if background else "saved", path)
         return path
 
     def maybe_resume(self) -> None:
@@ -324,6 +330,7 @@ class Trainer:
                     elapsed = time.perf_counter() - t_last
                     self._log(logger, pending, stats, elapsed, wait)
                     pending, t_last, wait = [], time.perf_counter(), 0.0
+                self.checkpoints.poll()  # an async save written on every rank -> COMPLETE (same step everywhere)
                 if save_now and not self.guard.rollback_wanted:
                     watchdog.beat(f"checkpoint at step {self.step}")
                     self.save()
@@ -331,6 +338,8 @@ class Trainer:
                     rollback(self)
                 if self.guard.preempt:  # agreed by every rank; the checkpoint above is saved
                     preempted = True
+                    watchdog.beat(f"finishing the checkpoint of step {self.step}")
+                    self.checkpoints.wait()  # COMPLETE before the requeue file names it
                     if self.is_main:  # written while SIGTERM is still only a flag here
                         write_requeue_file(self.step, self.checkpoints.latest(), self.preemption.signals)
                     break
@@ -345,7 +354,10 @@ class Trainer:
                 with watchdog.paused():
                     eval_result = self.evaluate()
                 self._log_eval(logger, eval_result)
+            watchdog.beat("finishing the last checkpoint")
+            self.checkpoints.wait()  # the final save (written during the final eval) is COMPLETE on every rank
         finally:
+            self.checkpoints.wait(collective=False)  # after an exception: finish a save in flight, no collectives
             watchdog.stop()
             self.preemption.uninstall()
             logger.close()
@@ -439,7 +451,9 @@ class Trainer:
         global_tokens = self.work.add_step(flops, sum(tokens), samples)
         if isinstance(global_tokens, torch.Tensor):
             global_tokens = global_tokens.float()
-        for batch, batch_tokens in zip(micro_batches, tokens):
+        for i, (batch, batch_tokens) in enumerate(zip(micro_batches, tokens)):
+            # FSDP2: reduce-scatter once, in the last micro-batch's backward (parallel.defer_grad_sync)
+            set_gradient_sync(self.model, i == len(micro_batches) - 1, self.defer_grad_sync)
             x0, text, text_mask, t, noise = self.prepare_inputs(batch)
             t, noise = t.to(self.device), noise.to(self.device)
             xt = flow.interpolate(x0, noise, t)  # (B, C, T', H', W')
