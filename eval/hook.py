@@ -1,8 +1,11 @@
-"""Evaluation inside training: sample prompts, write mp4s and a contact sheet, score, save JSON.
+"""Evaluation pieces: the prompt list, per-video writing and scoring, per-set aggregation, the JSON.
 
-Called by the Trainer every ``eval.every`` steps and at the end of training, and beside training by
-``vdit-eval checkpoint`` / ``vdit-eval watch`` (:mod:`vdit.eval.watch`) on a model loaded from a
-checkpoint. Output per step N:
+Used by :func:`vdit.eval.sharded.evaluate_sharded`, which the Trainer runs every ``eval.every`` steps
+and at the end of training (prompts shared out over the data-parallel ranks), and which
+``vdit-eval checkpoint`` / ``vdit-eval watch`` (:mod:`vdit.eval.watch`) run on one device through
+:func:`evaluate_model`. The per-video half (:func:`sample_entry`: mp4, :func:`score_one`, contact-sheet
+frames) runs on the rank that sampled the video; the per-set half (:func:`finish_evaluation`) on
+rank 0 over every prompt. Output per step N:
 ``{run_dir}/samples/step-N/*.mp4``, ``contact_sheet.png``, ``prompts.json``, ``scenes.json`` and
 ``{run_dir}/eval/step-N.json`` with per-video scores and per-checkpoint means (with counts).
 """
@@ -26,8 +29,7 @@ from vdit.data.synthetic import SceneParams, caption, random_scene
 from vdit.data.transforms import to_uint8_video
 from vdit.data.video_io import write_mp4
 from vdit.eval.fidelity import rescale_scene, scene_fidelity, summarize_fidelity
-from vdit.eval.report import contact_sheet
-from vdit.eval.sample import generate
+from vdit.eval.report import contact_sheet, sheet_frames
 
 log = logging.getLogger(__name__)
 
@@ -123,14 +125,19 @@ def _slug(text: str, n: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "empty"
 
 
+def sample_name(index: int, prompt: str) -> str:
+    """File name of prompt ``index``'s mp4 (``{index:02d}_{slug}.mp4``): unique per prompt, in prompt order."""
+    return f"{index:02d}_{_slug(prompt)}.mp4"
+
+
 def write_samples(out_dir: str, videos: torch.Tensor, prompts: list[str], fps: float) -> list[str]:
     """Write ``videos`` float ``(B, 3, T, H, W)`` in [-1, 1] as mp4s, a contact sheet and prompts.json.
 
-    Returns the mp4 paths (one per prompt, ``{i:02d}_{slug}.mp4``).
+    Returns the mp4 paths (one per prompt, :func:`sample_name`).
     """
     os.makedirs(out_dir, exist_ok=True)
     frames = [to_uint8_video(v) for v in videos]  # each uint8 (T, H, W, 3)
-    paths = [write_mp4(os.path.join(out_dir, f"{i:02d}_{_slug(p)}.mp4"), f, fps)
+    paths = [write_mp4(os.path.join(out_dir, sample_name(i, p)), f, fps)
              for i, (f, p) in enumerate(zip(frames, prompts))]
     contact_sheet(frames, prompts, path=os.path.join(out_dir, "contact_sheet.png"))
     with open(os.path.join(out_dir, "prompts.json"), "w") as f:
@@ -144,40 +151,45 @@ HOOK_METRICS = ["temporal_flickering", "temporal_flickering_all", "static_filter
                 "background_consistency"]
 
 
-def score_videos(videos: list[np.ndarray], params: list[SceneParams | None], fps: float | None = None,
-                 metrics: list[str] | None = None, kinds: list[str | None] | None = None) -> dict[str, Any]:
-    """Score uint8 ``(T, H, W, 3)`` videos with the registry's weight-free metrics, plus the
-    trajectory checks and the scene fidelity (:mod:`vdit.eval.fidelity`) where scene params exist.
+def score_names(params: list[SceneParams | None], metrics: list[str] | None = None) -> list[str]:
+    """Registry names an evaluation scores: ``metrics`` (default :data:`HOOK_METRICS`), plus the
+    trajectory checks (``physics``) when any prompt of the whole set has scene parameters."""
+    physics = ["physics"] if any(p is not None for p in params) else []
+    return list(HOOK_METRICS if metrics is None else metrics) + physics
 
-    Args:
-        fps: frames per second of the videos (default: the first scene's fps, else 8).
-        metrics: registry names (default :data:`HOOK_METRICS`).
-        kinds: per video, the prompt kind (``train_captions`` / ``new_scenes``, from
-            :func:`eval_prompts`) or None; fidelity means are reported over all physics prompts
-            (``gen/<key>``) and per kind (``gen/<kind>/<key>``).
 
-    Returns ``{"per_video": [{name: value, "physics": report}], "metrics": {name: {"mean", "value",
-    "count", "not_evaluable", ...provenance}}}``; trajectory checks appear as
-    ``physics/<check>_pass_rate``, ``physics/all_pass_rate`` and ``physics/scene_<type>_pass_rate``
-    (``mean`` None when nothing was evaluable). Every entry has ``mean``.
-    """
-    from vdit.eval.metrics.registry import Inputs, score_set
+def score_one(video: np.ndarray, scene: SceneParams | None, fps: float, names: list[str]) -> dict[str, Any]:
+    """The per-video half of :func:`score_videos` (pure: may run on any rank): ``{"results": {name:
+    MetricResult}, "fidelity": scene_fidelity(...) or None}`` for uint8 ``(T, H, W, 3)`` ``video``
+    at ``fps`` frames per second; ``names`` from :func:`score_names`. Raises on an invalid video."""
+    from vdit.eval.metrics.registry import Inputs, score_item
 
-    if fps is None:
-        fps = next((p.fps for p in params if p is not None), 8.0)
-    names = list(HOOK_METRICS if metrics is None else metrics) + (["physics"] if any(p is not None for p in params) else [])
-    out = score_set([Inputs(v, fps, scene=p) for v, p in zip(videos, params)], names)
-    kinds = list(kinds) if kinds is not None else [None] * len(videos)
+    return {"results": score_item(Inputs(video, fps, scene=scene), names),
+            "fidelity": scene_fidelity(video, scene) if scene is not None else None}
+
+
+def summarize_scores(scored: list[dict[str, Any] | None], names: list[str],
+                     kinds: list[str | None] | None = None) -> dict[str, Any]:
+    """The per-set half of :func:`score_videos`: per-video rows and per-set means from :func:`score_one`
+    outputs in prompt order (None: a video whose scoring failed, left out of every mean; its row is
+    ``{"error": ...}`` when the caller adds one). Returns what :func:`score_videos` returns."""
+    from vdit.eval.metrics.registry import aggregate_set
+
+    kinds = list(kinds) if kinds is not None else [None] * len(scored)
+    out = aggregate_set([s["results"] if s is not None else None for s in scored], names)
     fidelity: dict[str | None, list[dict[str, Any]]] = {}
     per_video = []
-    for row, video, p, kind in zip(out["videos"], videos, params, kinds):
+    for row, s, kind in zip(out["videos"], scored, kinds):
+        if row is None:
+            per_video.append({})
+            continue
         row = dict(row)
         details = row.pop("physics_details", None)
         row.pop("physics", None)
         if details is not None:  # the full report for videos with a scene (as before)
             row["physics"] = details
-        if p is not None:
-            fid = scene_fidelity(video, p)
+        fid = s["fidelity"]
+        if fid is not None:
             row["fidelity"] = {k: v for k, v in fid.items() if k not in ("implementation", "original", "exact")}
             fidelity.setdefault(None, []).append(fid)
             if kind is not None:
@@ -207,37 +219,97 @@ def score_videos(videos: list[np.ndarray], params: list[SceneParams | None], fps
     return {"per_video": per_video, "metrics": metrics_out}
 
 
-def evaluate_model(cfg, model: torch.nn.Module, text_encoder, vae, step: int, run_dir: str, device: torch.device,
-                   encode_text: Callable, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Sample ``cfg.eval.prompts`` plus physics prompts, write them, score them, save ``eval/step-N.json``.
+def score_videos(videos: list[np.ndarray], params: list[SceneParams | None], fps: float | None = None,
+                 metrics: list[str] | None = None, kinds: list[str | None] | None = None) -> dict[str, Any]:
+    """Score uint8 ``(T, H, W, 3)`` videos with the registry's weight-free metrics, plus the
+    trajectory checks and the scene fidelity (:mod:`vdit.eval.fidelity`) where scene params exist.
 
-    ``model`` is any plain single-device model (the Trainer's gathered copy, or one loaded from a
-    checkpoint by ``vdit-eval checkpoint`` / ``watch``); ``extra`` keys are added to the JSON (e.g.
-    who scored it and from which checkpoint). The JSON is written atomically (temp file + rename),
-    so a reader (the report, a watcher checking whether a step is scored) never sees half of it.
+    Args:
+        fps: frames per second of the videos (default: the first scene's fps, else 8).
+        metrics: registry names (default :data:`HOOK_METRICS`).
+        kinds: per video, the prompt kind (``train_captions`` / ``new_scenes``, from
+            :func:`eval_prompts`) or None; fidelity means are reported over all physics prompts
+            (``gen/<key>``) and per kind (``gen/<kind>/<key>``).
+
+    Returns ``{"per_video": [{name: value, "physics": report}], "metrics": {name: {"mean", "value",
+    "count", "not_evaluable", ...provenance}}}``; trajectory checks appear as
+    ``physics/<check>_pass_rate``, ``physics/all_pass_rate`` and ``physics/scene_<type>_pass_rate``
+    (``mean`` None when nothing was evaluable). Every entry has ``mean``. The same numbers come from
+    :func:`score_one` per video (on any rank) and :func:`summarize_scores` over all of them.
+    """
+    if fps is None:
+        fps = next((p.fps for p in params if p is not None), 8.0)
+    names = score_names(params, metrics)
+    return summarize_scores([score_one(v, p, fps, names) for v, p in zip(videos, params)], names, kinds)
+
+
+def sample_entry(index: int, prompt: str, video: np.ndarray, scene: SceneParams | None, fps: float,
+                 out_dir: str, run_dir: str, names: list[str]) -> dict[str, Any]:
+    """The per-video work of an evaluation, done by the rank that sampled prompt ``index``: write its
+    mp4 (:func:`sample_name`) into ``out_dir``, keep its contact-sheet frames
+    (:func:`vdit.eval.report.sheet_frames`: at most 8 frames, not the whole video) and score it
+    (:func:`score_one`).
+
+    A failure (an unwritable file, an invalid video, a metric that raises) is logged and recorded
+    (``"error"``), never raised: every rank must reach the gather that follows
+    (:func:`vdit.eval.sharded.evaluate_sharded`), or the others would wait for it.
+
+    Returns a picklable ``{"index", "path" (relative to run_dir), "scored" (or None), "error" (or None),
+    "sheet": (frame numbers, frames) or None}``.
+    """
+    path = os.path.join(out_dir, sample_name(index, prompt))
+    entry: dict[str, Any] = {"index": index, "path": os.path.relpath(path, run_dir), "scored": None, "error": None,
+                             "sheet": None}
+    try:
+        write_mp4(path, video, fps)
+        entry["sheet"] = sheet_frames(video)
+        entry["scored"] = score_one(video, scene, fps, names)
+    except Exception as exn:  # noqa: BLE001 - one bad video must not fail (or hang) the evaluation
+        log.exception("eval: prompt %d (%r) failed after sampling", index, prompt)
+        entry["error"] = f"{type(exn).__name__}: {exn}"
+    return entry
+
+
+def finish_evaluation(cfg, step: int, run_dir: str, prompts: list[str], params: list[SceneParams | None],
+                      kinds: list[str | None], entries: list[dict[str, Any]],
+                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write what one evaluation leaves besides the mp4s, from every prompt's :func:`sample_entry`
+    (on one rank): ``contact_sheet.png``, ``prompts.json`` and ``scenes.json`` in
+    ``samples/step-N/`` and ``eval/step-N.json`` (atomically: temp file + rename, so a reader never
+    sees half of it). Per-set means are taken over all prompts here (:func:`summarize_scores`).
+
+    Raises:
+        ValueError: ``entries`` do not hold each prompt index exactly once.
 
     Returns the JSON written (``{"step", "metrics", "videos", "contact_sheet", "sampler", **extra}``).
     """
-    e, d = cfg.eval, cfg.data
-    fps = d.target_fps or 8.0
-    prompts, params, kinds = eval_prompts(cfg)
-    was_training = model.training
-    videos = generate(model, encode_text, vae, prompts, d.num_frames, d.height, d.width, e.num_steps, e.cfg_scale,
-                      e.flow_shift, e.seed, device, solver=e.solver)  # (B, 3, T, H, W)
-    model.train(was_training)
+    e = cfg.eval
+    by_index = {en["index"]: en for en in entries}
+    if len(by_index) != len(entries) or sorted(by_index) != list(range(len(prompts))):
+        raise ValueError(f"evaluation entries cover prompts {sorted(en['index'] for en in entries)}, "
+                         f"expected each of 0..{len(prompts) - 1} once")
+    entries = [by_index[i] for i in range(len(prompts))]
     out_dir = os.path.join(run_dir, "samples", f"step-{step}")
-    paths = write_samples(out_dir, videos, prompts, fps)
+    os.makedirs(out_dir, exist_ok=True)
+    sheet = os.path.join(out_dir, "contact_sheet.png")
+    shown = [(en, p) for en, p in zip(entries, prompts) if en["sheet"] is not None]  # all but failed videos
+    if shown:
+        contact_sheet([en["sheet"][1] for en, _ in shown], [p for _, p in shown], path=sheet,
+                      frame_indices=[en["sheet"][0] for en, _ in shown])
+    names = [os.path.basename(en["path"]) for en in entries]
+    with open(os.path.join(out_dir, "prompts.json"), "w") as f:
+        json.dump([{"prompt": p, "path": n} for p, n in zip(prompts, names)], f, indent=2)
     with open(os.path.join(out_dir, "scenes.json"), "w") as f:  # lets `vdit-eval videos` rerun the physics checks
-        json.dump({os.path.basename(q): p.to_json() for q, p in zip(paths, params) if p is not None}, f, indent=2)
-    scores = score_videos([to_uint8_video(v) for v in videos], params, fps, kinds=kinds)
+        json.dump({n: p.to_json() for n, p in zip(names, params) if p is not None}, f, indent=2)
+    scores = summarize_scores([en["scored"] for en in entries], score_names(params), kinds)
     result = {
         "step": step,
         "metrics": scores["metrics"],
-        "videos": [{"prompt": p, "path": os.path.relpath(q, run_dir), **s}
-                   for p, q, s in zip(prompts, paths, scores["per_video"])],
-        "contact_sheet": os.path.relpath(os.path.join(out_dir, "contact_sheet.png"), run_dir),
+        "videos": [{"prompt": p, "path": en["path"], **s, **({"error": en["error"]} if en["error"] else {})}
+                   for p, en, s in zip(prompts, entries, scores["per_video"])],
+        "contact_sheet": os.path.relpath(sheet, run_dir),
         "sampler": {"num_steps": e.num_steps, "solver": e.solver, "cfg_scale": e.cfg_scale, "flow_shift": e.flow_shift,
-                    "seed": e.seed, "weights": "ema" if e.use_ema else "raw"},
+                    "seed": e.seed, "weights": "ema" if e.use_ema else "raw", "batch_size": e.batch_size},
     }
     result.update(extra or {})
     path = eval_json_path(run_dir, step)
@@ -247,6 +319,24 @@ def evaluate_model(cfg, model: torch.nn.Module, text_encoder, vae, step: int, ru
         json.dump(result, f, indent=2, default=float)
     os.replace(tmp, path)
     return result
+
+
+def evaluate_model(cfg, model: torch.nn.Module, text_encoder, vae, step: int, run_dir: str, device: torch.device,
+                   encode_text: Callable, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Sample ``cfg.eval.prompts`` plus physics prompts, write them, score them, save ``eval/step-N.json``.
+
+    ``model`` is a plain single-device model (e.g. one loaded from a checkpoint by ``vdit-eval
+    checkpoint`` / ``watch``); ``extra`` keys are added to the JSON (e.g. who scored it and from which
+    checkpoint). The one-rank case of :func:`vdit.eval.sharded.evaluate_sharded`, the code the
+    Trainer's in-loop evaluation runs on every layout, so both write the same files and numbers.
+    ``text_encoder`` is unused (``encode_text`` wraps it); kept for callers.
+
+    Returns the JSON written (``{"step", "metrics", "videos", "contact_sheet", "sampler", **extra}``),
+    or None when there is no prompt to sample.
+    """
+    from vdit.eval.sharded import evaluate_sharded
+
+    return evaluate_sharded(cfg, model, encode_text, vae, step, run_dir, device, extra=extra)
 
 
 def eval_json_path(run_dir: str, step: int) -> str:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from vdit.eval.metrics.base import check_video
 
-__all__ = ["contact_sheet"]
+__all__ = ["contact_sheet", "sheet_frames"]
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _FONT_SCALE = 0.4
@@ -44,8 +44,26 @@ def _wrap(text: str, max_width: int) -> list[str]:
     return lines
 
 
+def sheet_frames(video: np.ndarray, max_frames: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """The frames a contact sheet shows of ``video`` (uint8 ``(T, H, W, 3)``, T >= 2): ``(frame
+    numbers (K,), frames uint8 (K, H, W, 3))``, ``K = min(max_frames, T)`` evenly spaced.
+
+    A rank that sampled a video sends only these to the rank that draws the sheet
+    (``contact_sheet(frames, ..., frame_indices=numbers)`` draws the same PNG as the whole videos).
+
+    Raises:
+        ValueError: an invalid video (:func:`vdit.eval.metrics.base.check_video`) or ``max_frames < 1``.
+    """
+    if max_frames < 1:
+        raise ValueError(f"max_frames must be >= 1; got {max_frames}")
+    video = check_video(video)
+    picks = np.unique(np.linspace(0, video.shape[0] - 1, min(max_frames, video.shape[0])).round().astype(int))
+    return picks, video[picks]
+
+
 def contact_sheet(videos: list[np.ndarray], captions: list[str] | None = None, max_frames: int = 8,
-                  path: str | os.PathLike = "contact_sheet.png", min_height: int = 96) -> str:
+                  path: str | os.PathLike = "contact_sheet.png", min_height: int = 96,
+                  frame_indices: list[np.ndarray] | None = None) -> str:
     """Write a PNG grid: one row per video, up to ``max_frames`` evenly spaced frames as columns.
 
     Frames are upscaled by an integer factor with nearest-neighbour interpolation until they are
@@ -59,14 +77,16 @@ def contact_sheet(videos: list[np.ndarray], captions: list[str] | None = None, m
         max_frames: columns per row (>= 1); a video with fewer frames shows all of them.
         path: output PNG path (parent folders are created).
         min_height: minimum tile height in pixels.
+        frame_indices: None, or per video the frame numbers of its frames when ``videos`` already
+            hold only the frames to show (from :func:`sheet_frames`; ``max_frames`` is then unused).
 
     Returns:
         ``path`` as str.
 
     Raises:
         ValueError: no videos, an invalid video (see
-            :func:`vdit.eval.metrics.base.check_video`), a caption count that differs from the
-            video count, or ``max_frames < 1``.
+            :func:`vdit.eval.metrics.base.check_video`), a caption or ``frame_indices`` count
+            that differs from the video count, or ``max_frames < 1``.
     """
     if not videos:
         raise ValueError("contact_sheet needs at least one video")
@@ -74,13 +94,21 @@ def contact_sheet(videos: list[np.ndarray], captions: list[str] | None = None, m
         raise ValueError(f"got {len(captions)} captions for {len(videos)} videos")
     if max_frames < 1:
         raise ValueError(f"max_frames must be >= 1; got {max_frames}")
+    if frame_indices is not None and len(frame_indices) != len(videos):
+        raise ValueError(f"got {len(frame_indices)} frame index lists for {len(videos)} videos")
     rows = []
     for v, video in enumerate(videos):
-        video = check_video(video)
-        T, H, W, _ = video.shape
+        if frame_indices is None:
+            picks, frames = sheet_frames(video, max_frames)
+        else:
+            picks, frames = np.asarray(frame_indices[v]), np.asarray(video)
+            if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) != len(picks) \
+                    or not len(picks):
+                raise ValueError(f"video {v}: picked frames must be uint8 (K, H, W, 3) with K = {len(picks)} "
+                                 f"frame numbers (K >= 1); got {frames.dtype} {frames.shape}")
+        H = frames.shape[1]
         scale = max(1, math.ceil(min_height / H))
-        picks = np.unique(np.linspace(0, T - 1, min(max_frames, T)).round().astype(int))
-        tiles = [np.kron(video[i], np.ones((scale, scale, 1), np.uint8)) for i in picks]
+        tiles = [np.kron(frame, np.ones((scale, scale, 1), np.uint8)) for frame in frames]
         th, tw = tiles[0].shape[:2]
         strip = np.full((th, len(tiles) * (tw + _GAP) - _GAP, 3), _BG, np.uint8)
         for j, tile in enumerate(tiles):

@@ -19,8 +19,9 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from vdit.model import flow
@@ -29,45 +30,85 @@ from vdit.model.vae import Autoencoder
 TextFn = Callable[[list[str]], tuple[torch.Tensor, torch.Tensor]]
 
 
-@torch.no_grad()
-def generate(model: torch.nn.Module, encode_text: TextFn, vae: Autoencoder, prompts: list[str], num_frames: int,
-             height: int, width: int, num_steps: int = 20, cfg_scale: float = 1.0, flow_shift: float = 1.0,
-             seed: int = 0, device: torch.device | str = "cpu", solver: str = "euler",
-             callback: Callable | None = None) -> torch.Tensor:
-    """Sample one video per prompt.
+def prompt_noise(seed: int, index: int, latent_shape: Sequence[int]) -> torch.Tensor:
+    """The start noise of prompt number ``index``: float32 ``latent_shape`` ``(C, T', H', W')`` on CPU.
 
-    Integrates the learned velocity from noise (t = 1) to data (t = 0) with ``num_steps`` steps of
-    ``solver`` (``euler`` or ``heun``, :func:`vdit.model.flow.sample_ode`) on a schedule shifted by
-    ``flow_shift``; with ``cfg_scale != 1`` each step also runs the
-    empty caption and combines ``v_uncond + cfg_scale (v_cond - v_uncond)``. Noise comes from a CPU
-    generator seeded by ``seed``, so a prompt list gives the same videos on any device.
+    Drawn from a CPU generator seeded by ``(seed, index)`` alone, so a prompt's video depends on its
+    position in the prompt list and the seed, not on which rank samples it, how many prompts share
+    its batch, or the device.
+    """
+    seq = np.random.SeedSequence([int(seed), int(index)])
+    g = torch.Generator().manual_seed(int(seq.generate_state(1, np.uint64)[0] >> 1))
+    return torch.randn(tuple(latent_shape), generator=g)
+
+
+@torch.no_grad()
+def sample_latents(model: torch.nn.Module, encode_text: TextFn, latent_shape: Sequence[int], prompts: list[str],
+                   num_steps: int = 20, cfg_scale: float = 1.0, flow_shift: float = 1.0, seed: int = 0,
+                   device: torch.device | str = "cpu", solver: str = "euler", indices: Sequence[int] | None = None,
+                   dtype: torch.dtype = torch.float32, callback: Callable | None = None) -> torch.Tensor:
+    """Sample one latent per prompt with the flow ODE (see :func:`generate`); no decoding.
 
     Args:
-        num_frames, height, width: pixel-space clip size (frames, pixels).
-        callback: passed to :func:`vdit.model.flow.sample_ode` (``(i, x, t, v)`` before step ``i``,
-            latents with the guided velocity), e.g. to look at ``x_t - t v`` along the trajectory.
+        latent_shape: ``(C, T', H', W')`` of one sample.
+        indices: per prompt, its number in the whole prompt list (seeds its noise,
+            :func:`prompt_noise`); default ``0 .. B-1``.
+        dtype: autocast dtype of the network's forward (fp32: no autocast), e.g. the training
+            precision when sampling with the training model (FSDP bf16 parameters need bf16 autocast).
 
     Returns:
-        float32 ``(B, 3, T, H, W)`` in [-1, 1] (decoded by ``vae``), on CPU.
+        float32 ``(B, C, T', H', W')`` on ``device``.
     """
     model.eval()
     B = len(prompts)
-    latent = vae.latent_shape(num_frames, height, width)  # (C, T', H', W')
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn((B, *latent), generator=g).to(device)
+    indices = list(range(B)) if indices is None else list(indices)
+    if len(indices) != B:
+        raise ValueError(f"got {len(indices)} noise indices for {B} prompts")
+    noise = torch.stack([prompt_noise(seed, i, latent_shape) for i in indices]).to(device)  # (B, C, T', H', W')
     text, mask = encode_text(prompts)  # (B, L, D), (B, L)
     use_cfg = cfg_scale != 1.0
     if use_cfg:
         null_text, null_mask = encode_text([""] * B)
         text, mask = torch.cat([text, null_text]), torch.cat([mask, null_mask])
+    device_type = torch.device(device).type
 
     def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        if not use_cfg:
-            return model(x, t, text, mask)
-        v = model(torch.cat([x, x]), torch.cat([t, t]), text, mask)  # (2B, C, T', H', W')
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+            if not use_cfg:
+                return model(x, t, text, mask).float()  # (B, C, T', H', W')
+            v = model(torch.cat([x, x]), torch.cat([t, t]), text, mask).float()  # (2B, C, T', H', W')
         return flow.cfg_combine(*v.chunk(2), cfg_scale)
 
-    x0 = flow.sample_ode(velocity, noise, num_steps, shift=flow_shift, solver=solver, callback=callback)
+    return flow.sample_ode(velocity, noise, num_steps, shift=flow_shift, solver=solver, callback=callback)
+
+
+@torch.no_grad()
+def generate(model: torch.nn.Module, encode_text: TextFn, vae: Autoencoder, prompts: list[str], num_frames: int,
+             height: int, width: int, num_steps: int = 20, cfg_scale: float = 1.0, flow_shift: float = 1.0,
+             seed: int = 0, device: torch.device | str = "cpu", solver: str = "euler",
+             callback: Callable | None = None, indices: Sequence[int] | None = None,
+             dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Sample one video per prompt.
+
+    Integrates the learned velocity from noise (t = 1) to data (t = 0) with ``num_steps`` steps of
+    ``solver`` (``euler`` or ``heun``, :func:`vdit.model.flow.sample_ode`) on a schedule shifted by
+    ``flow_shift``; with ``cfg_scale != 1`` each step also runs the
+    empty caption and combines ``v_uncond + cfg_scale (v_cond - v_uncond)``. Each prompt's noise
+    comes from a CPU generator seeded by ``(seed, its index)`` (:func:`prompt_noise`), so a prompt
+    gives the same video on any device, in any batch and on any rank.
+
+    Args:
+        num_frames, height, width: pixel-space clip size (frames, pixels).
+        callback: passed to :func:`vdit.model.flow.sample_ode` (``(i, x, t, v)`` before step ``i``,
+            latents with the guided velocity), e.g. to look at ``x_t - t v`` along the trajectory.
+        indices, dtype: see :func:`sample_latents`.
+
+    Returns:
+        float32 ``(B, 3, T, H, W)`` in [-1, 1] (decoded by ``vae``), on CPU.
+    """
+    latent = vae.latent_shape(num_frames, height, width)  # (C, T', H', W')
+    x0 = sample_latents(model, encode_text, latent, prompts, num_steps, cfg_scale, flow_shift, seed, device, solver,
+                        indices=indices, dtype=dtype, callback=callback)  # (B, C, T', H', W')
     return vae.decode(x0).float().clamp(-1, 1).cpu()
 
 

@@ -35,7 +35,7 @@ Memory model, per GPU (``P`` parameters, ``N = world`` ranks, ``cb`` compute byt
   ``depth`` blocks; ``ac=full``: the ``depth`` block inputs (``D`` values, ``cb`` bytes) plus one
   block recomputed in backward. Backward temporaries (activation gradients) are left to the allowance.
 * Frozen encoders are counted on the fullest GPU: on video shards every rank holds them; on
-  ``vdit-encode`` latent shards only rank 0 builds them, at its first in-loop evaluation (pass
+  ``vdit-encode`` latent shards every rank builds them at the first in-loop evaluation (pass
   ``text_encoder=none`` to plan a latent run without in-loop sampling): UMT5-XXL encoder ~5.68e9 params (d_model 4096, d_ff
   10240, 24 layers, vocab 256384), MiniLM-L6 ~22.7e6, Wan 2.1 VAE ~127e6 in fp32 (config default).
   Encoding pixels during training (no ``vdit-encode``) adds the VAE's own peak: not modelled.

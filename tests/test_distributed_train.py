@@ -84,15 +84,22 @@ def test_fsdp_and_sp_runs_resume_from_each_other(tmp_path):
             assert torch.equal(two[part][n], one[part][n]), (part, n)
 
 
-def test_deepspeed_zero2_run_resumes_under_fsdp(tmp_path):
-    """The same training loop under DeepSpeed ZeRO-2; its checkpoint resumes under FSDP (same DCP layout)."""
+def deepspeed_on_cpu():
+    """Skip without DeepSpeed; else select its CPU accelerator and build its CPU comm op once here,
+    not inside the ranks. Returns the module."""
     deepspeed = pytest.importorskip("deepspeed")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
-    if builder is not None:  # build the CPU comm op once here, not inside the ranks
+    if builder is not None:
         builder.load(verbose=False)
+    return deepspeed
+
+
+def test_deepspeed_zero2_run_resumes_under_fsdp(tmp_path):
+    """The same training loop under DeepSpeed ZeRO-2; its checkpoint resumes under FSDP (same DCP layout)."""
+    deepspeed = deepspeed_on_cpu()
     assert deepspeed.__version__
     shards = str(tmp_path / "shards")
     write_shards(shards, 4, 4)

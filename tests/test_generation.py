@@ -109,7 +109,9 @@ def test_the_first_sampler_step_already_sees_the_scene(trained):
              callback=record)
     errors = [scene_fidelity(to_uint8_video(x0_hat), p)["bg_color_err"]
               for p, x0_hat in zip(scenes, trainer.vae.decode(first[0]))]  # (T, H, W, 3) uint8 each
-    assert max(errors) < 50, errors
+    # Measured over 30 noise seeds: a right sampler gives 36-59 on the hardest scene (mean 46, sd 4.5),
+    # a flipped time convention 83-88 and the noise itself 116-120; 70 separates them for any seed.
+    assert max(errors) < 70, errors
 
 
 def _evaluate_with(trainer: Trainer, **eval_changes) -> dict:

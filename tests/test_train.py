@@ -176,7 +176,7 @@ def test_training_on_vdit_encode_latents_resumes_exactly(shards, tmp_path, monke
     Trainer(cfg).fit()
     assert losses(tmp_path / "split") == losses(tmp_path / "full")
     monkeypatch.setattr(trainer_module, "build_frozen", build_frozen)
-    text_encoder, vae, encode_text = full.frozen_encoders()  # what evaluate() asks for on rank 0
+    text_encoder, vae, encode_text = full.frozen_encoders()  # what evaluate() asks for on every rank
     assert vae.latent_channels == 3 and encode_text(["a caption"])[0].shape == (1, 8, 32)
     assert full.frozen_encoders()[1] is vae  # built once
     with pytest.raises(ValueError, match="in_channels|latent"):

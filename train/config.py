@@ -184,7 +184,13 @@ class EvalConfig:
     generalisation), and ``num_train_physics_prompts`` physics captions are taken from the training
     shards (clips holding renderer parameters). ``num_steps`` steps of the flow ODE with ``solver``
     (``euler`` or ``heun``) on a schedule shifted by ``flow_shift``, classifier-free guidance
-    ``cfg_scale`` (1.0 disables the unconditional pass).
+    ``cfg_scale`` (1.0 disables the unconditional pass). Prompt ``i``'s noise is seeded by ``(seed, i)``.
+
+    In training the prompts are shared out over the data-parallel ranks (rank r samples prompts r,
+    r + dp, ...) and sampled with the training model itself, EMA weights swapped in when ``use_ema``
+    (:mod:`vdit.eval.sharded`, :mod:`vdit.train.evaluation`); ``batch_size`` prompts per sampling
+    pass on one rank (each pass holds the inference activations of ``batch_size`` samples, twice
+    that with guidance).
 
     Validation loss: every ``val_every`` steps (0 = never) the flow loss on up to ``val_clips``
     held-out clips (``data.val_fraction`` / ``data.val_shards``) at the fixed ``val_timesteps`` with
@@ -204,6 +210,7 @@ class EvalConfig:
     flow_shift: float = 1.0
     seed: int = 0
     use_ema: bool = True
+    batch_size: int = 1
     val_every: int = 0
     val_timesteps: list[float] = field(default_factory=lambda: [0.05, 0.25, 0.5, 0.75, 0.95])
     val_clips: int = 32
@@ -394,6 +401,7 @@ _RANGES = {
     "model.mlp_ratio": (lambda v: v > 0, "> 0"),
     "eval.every": (lambda v: v >= 0, ">= 0"),
     "eval.num_steps": (lambda v: v >= 1, ">= 1"),
+    "eval.batch_size": (lambda v: v >= 1, ">= 1"),
     "reliability.max_bad_steps": (lambda v: v >= 1, ">= 1"),
     "reliability.spike_factor": (lambda v: v == 0 or v > 1, "> 1, or 0 to disable"),
     "reliability.spike_beta": (lambda v: 0 <= v < 1, "in [0, 1)"),

@@ -75,6 +75,20 @@ class RunLogger:
                      metrics.get("optim/lr", 0.0), rate, 100 * metrics.get("perf/data_wait_frac", 0.0),
                      time.strftime("%H:%M:%S", time.gmtime(eta)) if eta != float("inf") else "?")
 
+    def log_videos(self, step: int, key: str, videos: list[tuple[str, str]]) -> None:
+        """Log mp4 files ``[(path, caption)]`` to wandb as one list of ``wandb.Video`` media under
+        ``key`` at ``step`` (no-op without wandb or off rank 0). A failure (a missing file, a wandb
+        error) is logged, never raised: media are a view of results already written to disk."""
+        if self.wandb is None or not videos:
+            return
+        try:
+            import wandb
+
+            self.wandb.log({key: [wandb.Video(path, caption=caption, format="mp4") for path, caption in videos]},
+                           step=step)
+        except Exception as exn:  # noqa: BLE001 - never fail training over media
+            log.warning("wandb: could not log %d videos under %s at step %d: %s", len(videos), key, step, exn)
+
     def advance(self, n: int = 1) -> None:
         """Move the progress bar by ``n`` steps (shows it/s and ETA)."""
         if self.bar is not None:

@@ -93,8 +93,8 @@ class Trainer:
 
     On latent shards (``vdit-encode``) the frozen text encoder and VAE are not built: ``text_encoder``,
     ``vae`` and ``encode_text`` stay None until something needs them (:meth:`frozen_encoders`): the
-    in-loop sampling of ``eval.enabled`` (rank 0 only, at its first evaluation) or validation clips
-    read from video shards.
+    in-loop sampling of ``eval.enabled`` (every rank, at the first evaluation: each data-parallel
+    rank samples and decodes its share of the prompts) or validation clips read from video shards.
     """
 
     def __init__(self, cfg: TrainConfig):
@@ -365,15 +365,10 @@ class Trainer:
                 "preempted": preempted}
 
     def _log_eval(self, logger: RunLogger, result: dict[str, Any] | None) -> None:
-        """Log an evaluation's per-checkpoint means (rank 0 has the result): ``gen/*`` keys as they are,
-        the others as ``eval/<name>``; metrics that were not evaluable (mean None) are left out."""
-        if result is None:
-            return
-        logger.log(self.step, {name if name.startswith("gen/") else f"eval/{name}": m["mean"]
-                               for name, m in result["metrics"].items() if m.get("mean") is not None})
-        if self.is_main:  # report.html follows every evaluation; a failure is logged, never raised
-            from vdit.eval.run_report import refresh_report
-            refresh_report(self.run_dir)
+        """Log an evaluation (rank 0 has the result): :func:`vdit.train.evaluation.log_eval`."""
+        from vdit.train.evaluation import log_eval
+
+        log_eval(logger, self.step, result, self.run_dir)
 
     def _log(self, logger: RunLogger, losses: list[torch.Tensor], stats: dict[str, torch.Tensor],
              elapsed: float, wait: float) -> None:
@@ -549,24 +544,14 @@ class Trainer:
         return grad_norm
 
     # ------------------------------------------------------------------------------------------ eval
-    def evaluate(self) -> dict[str, Any]:
-        """Sample the eval prompts with the EMA weights, write mp4s + contact sheet, score them."""
-        from vdit.eval.hook import evaluate_model
+    def evaluate(self) -> dict[str, Any] | None:
+        """Sample and score the eval prompts with the training model itself (EMA weights swapped in when
+        ``eval.use_ema``), the prompts shared out over the data-parallel ranks; every rank calls this
+        together. Returns the ``eval/step-N.json`` content on rank 0, None elsewhere.
+        See :mod:`vdit.train.evaluation` (design and memory per rank)."""
+        from vdit.eval.sharded import EvalRanks
+        from vdit.train.evaluation import evaluate_in_loop
 
-        # A plain single-device copy (no FSDP shards, no SP hooks): every rank takes part in gathering
-        # the sharded weights, then rank 0 samples and scores while the others wait.
-        model = build_model(self.cfg, self.device)
-        if self.cfg.eval.use_ema:
-            self.ema.copy_to(model)
-        else:
-            with torch.no_grad():
-                for p, q in zip(model.parameters(), self.model.parameters()):
-                    p.copy_(q.full_tensor() if isinstance(q, DTensor) else q)
-        result = None
-        if self.is_main:  # on latent shards the encoders are built here, on rank 0 only, and kept
-            text_encoder, vae, encode_text = self.frozen_encoders()
-            result = evaluate_model(self.cfg, model, text_encoder, vae, self.step, self.run_dir, self.device,
-                                    encode_text=encode_text)
-        if self.dist.is_distributed:
-            torch.distributed.barrier()
-        return result
+        ranks = EvalRanks(self.dp_rank, self.dp_size, self.dp_group, self.dims.sp_rank, self.dist.is_distributed)
+        return evaluate_in_loop(self.cfg, self.model, self.ema, self.frozen_encoders, self.step, self.run_dir,
+                                self.device, self.dtype, ranks)

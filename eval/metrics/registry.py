@@ -35,7 +35,7 @@ from vdit.eval.metrics.base import MetricResult
 from vdit.eval.metrics.flow import FlowCache
 
 __all__ = ["MetricSpec", "Inputs", "Backends", "REGISTRY", "WEIGHT_FREE", "SET_METRICS", "available", "score_video",
-           "aggregate", "score_set"]
+           "aggregate", "score_item", "aggregate_set", "score_set"]
 
 
 @dataclass
@@ -266,6 +266,48 @@ def _video_row(results: dict[str, MetricResult]) -> dict[str, Any]:
     return row
 
 
+def score_item(inputs: Inputs, names: list[str], weights: dict[str, str] | None = None,
+               backends: Backends | None = None) -> dict[str, MetricResult]:
+    """The per-video half of :func:`score_set`: ``{name: MetricResult}`` for every name in ``names``;
+    a metric whose inputs or weights this video lacks gets a placeholder (value None,
+    ``details["placeholder"]``) that aggregation counts as missing. Pure per video, so videos may be
+    scored on different ranks and aggregated together (:func:`aggregate_set`). Raises on invalid input."""
+    weights = dict(weights or {})
+    runnable = [n for n in names if available(n, inputs, weights) is None]
+    res = score_video(inputs, runnable, backends or Backends(weights))
+    for n in names:
+        if n not in res:
+            res[n] = MetricResult(n, None, "vdit.eval.metrics.registry", REGISTRY[n].original, False,
+                                  {"reason": available(n, inputs, weights), "placeholder": True})
+    return {n: res[n] for n in names}
+
+
+def aggregate_set(results: list[dict[str, MetricResult] | None], names: list[str],
+                  prompts: list[str | None] | None = None) -> dict[str, Any]:
+    """The per-set half of :func:`score_set`: per-video rows and per-set aggregates of ``names``.
+
+    Args:
+        results: per video, :func:`score_item`'s output, or None for a video that failed (left out
+            of every aggregate, its row None).
+        prompts: per video, its prompt or None (VBench's at-most-5-static-videos-per-prompt rule).
+
+    Returns ``{"metrics": {name: aggregate}, "videos": [row or None]}``.
+    """
+    prompts = list(prompts) if prompts is not None else [None] * len(results)
+    per_name: dict[str, list[MetricResult]] = {n: [] for n in names}
+    rows, kept_prompts = [], []
+    for res, prompt in zip(results, prompts):
+        if res is None:
+            rows.append(None)
+            continue
+        for n in names:
+            per_name[n].append(res[n])
+        rows.append(_video_row(res))
+        kept_prompts.append(prompt)
+    use_prompts = kept_prompts if any(p is not None for p in kept_prompts) else None
+    return {"metrics": {n: aggregate(n, per_name[n], use_prompts) for n in names}, "videos": rows}
+
+
 def score_set(items: list[Inputs], names: list[str] | str, weights: dict[str, str] | None = None,
               device: str = "cpu", on_error: Callable[[int, Exception], None] | None = None) -> dict[str, Any]:
     """Score a set of videos with metrics ``names`` (or ``"all"``) and aggregate.
@@ -305,27 +347,17 @@ def score_set(items: list[Inputs], names: list[str] | str, weights: dict[str, st
             if reason:
                 raise ValueError(f"metric {n!r} cannot run: {reason}")
     backends = Backends(weights, device)
-    per_name: dict[str, list[MetricResult]] = {n: [] for n in names}
-    rows, prompts = [], []
+    results: list[dict[str, MetricResult] | None] = []
     for idx, it in enumerate(items):
-        runnable = [n for n in names if available(n, it, weights) is None]
         try:
-            res = score_video(it, runnable, backends)
+            results.append(score_item(it, names, weights, backends))
         except Exception as exn:  # noqa: BLE001 - reported per video
             if on_error is None:
                 raise
             on_error(idx, exn)
-            rows.append(None)
-            continue
-        for n in names:
-            if n not in res:
-                res[n] = MetricResult(n, None, "vdit.eval.metrics.registry", REGISTRY[n].original, False,
-                                      {"reason": available(n, it, weights), "placeholder": True})
-            per_name[n].append(res[n])
-        rows.append(_video_row(res))
-        prompts.append(it.prompt)
-    use_prompts = prompts if any(p is not None for p in prompts) else None
-    metrics = {n: aggregate(n, per_name[n], use_prompts) for n in names}
+            results.append(None)
+    out = aggregate_set(results, names, [it.prompt for it in items])
+    metrics, rows = out["metrics"], out["videos"]
     ok_items = [it for it, row in zip(items, rows) if row is not None]
     for n in set_names:
         metrics[n] = _set_metric(n, ok_items, weights, device)
