@@ -129,17 +129,24 @@ def test_a_kill_during_an_async_save_leaves_the_previous_checkpoint_latest(shard
     assert manager.complete_steps() == [4, 6]
 
 
-def test_at_most_one_save_in_flight(shards, tmp_path, monkeypatch):
-    """A save every step with a writer slower than a step: each save first finishes the previous one,
-    whose COMPLETE is on disk before the next starts; pruning keeps keep_last_k complete checkpoints."""
-    write_data, async_save = FileSystemWriter.write_data, dcp.async_save
-    futures, seen = [], []
+def slow_writer(delay_s: float):
+    """``FileSystemWriter.write_data`` that finishes its files, then holds the write open ``delay_s``."""
+    write_data = FileSystemWriter.write_data
 
     def slow_write(self, plan, planner):
         fut = write_data(self, plan, planner)
         fut.wait()
-        time.sleep(0.5)
+        time.sleep(delay_s)
         return fut
+    return slow_write
+
+
+def test_at_most_one_save_in_flight(shards, tmp_path, monkeypatch):
+    """A save every step with a writer slower than a step: each save first finishes the previous one,
+    whose COMPLETE is on disk before the next starts; pruning keeps keep_last_k complete checkpoints."""
+    async_save = dcp.async_save
+    futures, seen = [], []
+    slow_write = slow_writer(0.5)
 
     def counting_save(state, **kwargs):
         in_flight = sum(not f.done() for f in futures)
@@ -163,15 +170,7 @@ def test_a_rollback_waits_for_the_save_in_flight(shards, tmp_path, monkeypatch):
     steps): the rollback finishes that save and goes back to it instead of finding no good checkpoint."""
     from tests.test_reliability import poison_batches
 
-    write_data = FileSystemWriter.write_data
-
-    def slow_write(self, plan, planner):
-        fut = write_data(self, plan, planner)
-        fut.wait()
-        time.sleep(1.5)
-        return fut
-
-    monkeypatch.setattr(FileSystemWriter, "write_data", slow_write)
+    monkeypatch.setattr(FileSystemWriter, "write_data", slow_writer(1.5))
     poison_batches(monkeypatch, {2, 3})
     t = Trainer(tiny_cfg(shards, tmp_path / "r", ASYNC, "reliability.max_bad_steps=2"))
     t.fit()
@@ -183,14 +182,7 @@ def test_a_rollback_waits_for_the_save_in_flight(shards, tmp_path, monkeypatch):
 def _worker_two_ranks(rank, world, port, out_dir, shards):
     init_rank(rank, world, port)
     if rank == 1:  # rank 1 writes slower than a step: the ranks poll while its write is still running
-        write_data = FileSystemWriter.write_data
-
-        def slow_write(self, plan, planner):
-            fut = write_data(self, plan, planner)
-            fut.wait()
-            time.sleep(0.3)
-            return fut
-        FileSystemWriter.write_data = slow_write
+        FileSystemWriter.write_data = slow_writer(0.3)
     extra = ("parallel.dp_shard=2", "parallel.backend=fsdp")
     Trainer(tiny_cfg(shards, os.path.join(out_dir, "full"), SYNC, *extra)).fit()
     cfg = tiny_cfg(shards, os.path.join(out_dir, "split"), ASYNC, *extra)
