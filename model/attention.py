@@ -28,7 +28,9 @@ from torch import nn
 from .layers import RMSNorm
 from .rope import apply_rotary
 
-__all__ = ["AttentionCore", "sdpa_attention", "math_attention", "Attention"]
+__all__ = ["AttentionCore", "sdpa_attention", "math_attention", "Attention", "QK_NORM_SCOPES"]
+
+QK_NORM_SCOPES = ("head", "across_heads")
 
 
 class AttentionCore(Protocol):
@@ -108,21 +110,27 @@ class Attention(nn.Module):
         dim: model width ``D`` of the queries (and of the output).
         num_heads: number of heads ``H``; the head dim is ``dim // num_heads``.
         context_dim: width of the key/value source for cross-attention; ``None`` means ``dim``.
-        qk_norm: apply :class:`~vdit.model.layers.RMSNorm` over the head dim of q and k (shared across heads),
-            which keeps attention logits bounded at scale (as in SD3 / Esser et al. 2024).
+        qk_norm: apply :class:`~vdit.model.layers.RMSNorm` to q and k, which keeps attention logits
+            bounded at scale (as in SD3 / Esser et al. 2024).
+        qk_norm_scope: ``"head"`` (default): normalise each head's ``Dh`` channels, one ``(Dh,)`` gain
+            shared by the heads. ``"across_heads"`` (Wan 2.1): normalise the whole projected ``(D,)``
+            vector before it is split into heads, with a ``(D,)`` gain.
 
     Attributes:
         core: the attention kernel (:class:`AttentionCore`), default :func:`sdpa_attention`.
             Replace it to change the kernel or to add sequence parallelism around it.
 
     Raises:
-        ValueError: if ``num_heads`` does not divide ``dim``.
+        ValueError: if ``num_heads`` does not divide ``dim``, or an unknown ``qk_norm_scope``.
     """
 
-    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, qk_norm: bool = True):
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None, qk_norm: bool = True,
+                 qk_norm_scope: str = "head"):
         super().__init__()
         if num_heads <= 0 or dim % num_heads != 0:
             raise ValueError(f"num_heads={num_heads} must be positive and divide dim={dim}")
+        if qk_norm_scope not in QK_NORM_SCOPES:
+            raise ValueError(f"qk_norm_scope={qk_norm_scope!r} is not one of {list(QK_NORM_SCOPES)}")
         self.dim = dim
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -131,8 +139,10 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(kv_dim, dim)
         self.v_proj = nn.Linear(kv_dim, dim)
         self.out_proj = nn.Linear(dim, dim)
-        self.q_norm = RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.norm_across_heads = qk_norm_scope == "across_heads"
+        norm_dim = dim if self.norm_across_heads else self.head_dim
+        self.q_norm = RMSNorm(norm_dim, eps=1e-6) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(norm_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.core: AttentionCore = sdpa_attention
 
     def forward(
@@ -164,11 +174,14 @@ class Attention(nn.Module):
         if context is not None and rope is not None:
             raise ValueError("rope applies to self-attention only; got both context and rope")
         src = x if context is None else context  # (B, Lk, Dk)
-        q = rearrange(self.q_proj(x), "b l (h d) -> b l h d", h=self.num_heads)  # (B, L, H, Dh)
-        k = rearrange(self.k_proj(src), "b l (h d) -> b l h d", h=self.num_heads)  # (B, Lk, H, Dh)
+        q, k = self.q_proj(x), self.k_proj(src)  # (B, L, D), (B, Lk, D)
+        if self.norm_across_heads:
+            q, k = self.q_norm(q), self.k_norm(k)  # (B, L, D), (B, Lk, D): one RMS over all heads
+        q = rearrange(q, "b l (h d) -> b l h d", h=self.num_heads)  # (B, L, H, Dh)
+        k = rearrange(k, "b l (h d) -> b l h d", h=self.num_heads)  # (B, Lk, H, Dh)
         v = rearrange(self.v_proj(src), "b l (h d) -> b l h d", h=self.num_heads)  # (B, Lk, H, Dh)
-        q = self.q_norm(q)  # (B, L, H, Dh)
-        k = self.k_norm(k)  # (B, Lk, H, Dh)
+        if not self.norm_across_heads:
+            q, k = self.q_norm(q), self.k_norm(k)  # (B, L, H, Dh), (B, Lk, H, Dh): one RMS per head
         if rope is not None:
             q = apply_rotary(q, *rope)  # (B, L, H, Dh)
             k = apply_rotary(k, *rope)  # (B, L, H, Dh)

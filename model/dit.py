@@ -14,6 +14,13 @@ Two ways to turn ``c`` into each block's 6 modulation vectors (``DiTConfig.modul
                  forward in VideoDiT; every block receives it and adds its own learned (6, D)
                  ``scale_shift_table``. Saves (depth - 1) * 6 D^2 parameters (~0.4B at Wan-1.3B size).
 
+Options that express Wan 2.1's transformer exactly (all off by default; ``conf/model/wan2.1-t2v-*.yaml``
+turn them on, :mod:`vdit.model.wan` converts weights): ``qk_norm_scope="across_heads"``,
+``final_modulation="table"``, ``rope_split="wan"`` with ``rope_fp64``, ``text_padding="zeros"``.
+Wan's timestep embedding (sinusoid of ``1000 t``, cos first, 256 wide), text MLP (Linear, GELU(tanh),
+Linear), shared modulation with per-block ``(6, D)`` tables, affine cross-attention LayerNorm and
+GELU(tanh) MLP are what vdit already does with ``modulation="shared"``.
+
 Forward hooks are the extension points for parallelism (see vdit.train.parallel): ``patch_embed``'s
 output (tokens), ``rope``'s output (cos/sin) and ``final_layer``'s output (per-token patches, gathered there: P wide instead of D wide).
 The model itself is single-device code.
@@ -29,14 +36,17 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .attention import Attention
+from .attention import QK_NORM_SCOPES, Attention
 from .flow import PREDICTIONS, velocity_from_x0
-from .layers import Mlp, PatchEmbed3D, TextProjection, TimestepEmbedding, modulate, patch_grid
-from .rope import RotaryEmbedding3D
+from .layers import MLP_ACTIVATIONS, Mlp, PatchEmbed3D, TextProjection, TimestepEmbedding, modulate, patch_grid
+from .rope import ROPE_SPLITS, RotaryEmbedding3D, rope_axes_dim
 
-__all__ = ["DiTConfig", "DiTBlock", "FinalLayer", "VideoDiT", "num_tokens", "MODULATIONS"]
+__all__ = ["DiTConfig", "DiTBlock", "FinalLayer", "VideoDiT", "num_tokens", "MODULATIONS", "FINAL_MODULATIONS",
+           "TEXT_PADDINGS"]
 
 MODULATIONS = ("per_block", "shared")
+FINAL_MODULATIONS = ("linear", "table")
+TEXT_PADDINGS = ("mask", "zeros")
 
 
 POS_EMBEDS = ("none", "sincos")
@@ -55,6 +65,13 @@ def _check_options(cfg: "DiTConfig") -> None:
         raise ValueError(f"pos_embed={cfg.pos_embed!r} is not one of {list(POS_EMBEDS)}")
     if not 0.0 < cfg.x0_t_min <= 1.0:
         raise ValueError(f"x0_t_min={cfg.x0_t_min} must be in (0, 1]")
+    for name, allowed in (("qk_norm_scope", QK_NORM_SCOPES), ("mlp_act", MLP_ACTIVATIONS),
+                          ("final_modulation", FINAL_MODULATIONS), ("rope_split", ROPE_SPLITS),
+                          ("text_padding", TEXT_PADDINGS)):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name}={getattr(cfg, name)!r} is not one of {list(allowed)}")
+    if cfg.time_freq_dim < 2 or cfg.time_freq_dim % 2:
+        raise ValueError(f"time_freq_dim={cfg.time_freq_dim} must be even and >= 2")
 
 
 @dataclass
@@ -94,9 +111,26 @@ class DiTConfig:
         pooled_text: add an MLP of the mask-averaged text features to the timestep embedding, so
             the caption also reaches every block's adaLN modulation (SD3 and PixArt feed a pooled text
             vector this way) and global properties (colours) become an easy function of the text.
+        qk_norm_scope: ``"head"`` (RMSNorm over each head's channels, a ``(Dh,)`` gain) or
+            ``"across_heads"`` (Wan: RMSNorm over all ``D`` channels of q and k before the head
+            split, a ``(D,)`` gain); in self- and cross-attention.
+        cross_attn_norm: affine LayerNorm before cross-attention (True, as Wan) or none.
+        mlp_act: the MLP's activation: ``"gelu_tanh"`` (DiT, Wan), ``"gelu"`` or ``"silu"``.
+        final_modulation: the final layer's (shift, scale): ``"linear"`` (DiT: ``Linear(SiLU(c))
+            -> (B, 2D)``) or ``"table"`` (Wan: ``c + table`` with a learned ``(2, D)`` table and the
+            timestep embedding ``c`` itself, no projection).
+        rope_split: how the head dim is split over (t, h, w) in RoPE: ``"default"``
+            (:func:`vdit.model.rope.default_axes_dim`: 128 -> (32, 48, 48)) or ``"wan"``
+            (:func:`vdit.model.rope.wan_axes_dim`: 128 -> (44, 42, 42)).
+        rope_fp64: RoPE angles in float64, rounded to float32 only in ``cos``/``sin`` (Wan's numerics).
+        text_padding: how padded caption tokens are hidden from cross-attention: ``"mask"``
+            (excluded as keys) or ``"zeros"`` (Wan: their features are set to zero and they are attended
+            like real tokens; the mask is not passed to attention).
+        time_freq_dim: width of the timestep sinusoid (256 in DiT and Wan).
 
     Raises:
-        ValueError: if ``modulation``, ``prediction`` or ``pos_embed`` is not a known value.
+        ValueError: if ``modulation``, ``prediction``, ``pos_embed`` or one of the string options
+            above is not a known value.
     """
 
     in_channels: int = 3
@@ -114,6 +148,14 @@ class DiTConfig:
     x0_t_min: float = 0.05
     pos_embed: str = "none"
     pooled_text: bool = False
+    qk_norm_scope: str = "head"
+    cross_attn_norm: bool = True
+    mlp_act: str = "gelu_tanh"
+    final_modulation: str = "linear"
+    rope_split: str = "default"
+    rope_fp64: bool = False
+    text_padding: str = "mask"
+    time_freq_dim: int = 256
 
     def __post_init__(self) -> None:
         _check_options(self)
@@ -154,7 +196,9 @@ class DiTConfig:
             per_block += 6 * d * d / seq_len  # adaLN modulation, once per sample
         if self.cross_attention:
             per_block += 2 * d * d + 2 * text_len * d + 2 * text_len * d * d / seq_len  # q/out, attention, k/v
-        per_sample = (256 * d + d * d) + (self.text_dim * d + d * d) * text_len + 2 * d * d  # t/text MLPs, final adaLN
+        per_sample = (self.time_freq_dim * d + d * d) + (self.text_dim * d + d * d) * text_len  # t/text MLPs
+        if self.final_modulation == "linear":
+            per_sample += 2 * d * d  # the final layer's adaLN projection
         if self.pooled_text:
             per_sample += self.text_dim * d + d * d  # the pooled-text MLP
         if self.modulation == "shared":
@@ -191,6 +235,12 @@ class DiTBlock(nn.Module):
         qk_norm: RMSNorm on q/k.
         cross_attention: include the text cross-attention sub-layer.
         modulation: ``"per_block"`` or ``"shared"`` (see :class:`DiTConfig`).
+        qk_norm_scope: ``"head"`` or ``"across_heads"`` (see :class:`DiTConfig`).
+        cross_attn_norm: affine LayerNorm before cross-attention (else none).
+        mlp_act: MLP activation name.
+
+    Raises:
+        ValueError: an unknown ``modulation``, ``qk_norm_scope`` or ``mlp_act``.
     """
 
     def __init__(
@@ -201,20 +251,26 @@ class DiTBlock(nn.Module):
         qk_norm: bool = True,
         cross_attention: bool = True,
         modulation: str = "per_block",
+        *,
+        qk_norm_scope: str = "head",
+        cross_attn_norm: bool = True,
+        mlp_act: str = "gelu_tanh",
     ):
         super().__init__()
         _check_modulation(modulation)
         self.hidden_size = hidden_size
         self.norm1 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm, qk_norm_scope=qk_norm_scope)
         if cross_attention:
-            self.norm_cross = nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6)
-            self.cross_attn = Attention(hidden_size, num_heads, context_dim=hidden_size, qk_norm=qk_norm)
+            self.norm_cross = (nn.LayerNorm(hidden_size, elementwise_affine=True, eps=1e-6) if cross_attn_norm
+                               else nn.Identity())
+            self.cross_attn = Attention(hidden_size, num_heads, context_dim=hidden_size, qk_norm=qk_norm,
+                                        qk_norm_scope=qk_norm_scope)
         else:
             self.norm_cross = None
             self.cross_attn = None
         self.norm2 = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.mlp = Mlp(hidden_size, int(round(hidden_size * mlp_ratio)))
+        self.mlp = Mlp(hidden_size, int(round(hidden_size * mlp_ratio)), act=mlp_act)
         if modulation == "per_block":
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
             self.register_parameter("scale_shift_table", None)
@@ -266,23 +322,38 @@ class DiTBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """adaLN (shift, scale) + Linear to patch values (DiT). Both Linears are zeroed at init.
+    """adaLN (shift, scale) + Linear to patch values (DiT). The modulation and the Linear are zeroed at init.
 
     Args:
         hidden_size: ``D``.
         patch_volume: ``pt * ph * pw``.
         out_channels: ``C_out``.
+        modulation: ``"linear"``: ``(shift, scale) = Linear(SiLU(c))`` (DiT); ``"table"``:
+            ``(shift, scale) = c + scale_shift_table``, a learned ``(2, D)`` table (Wan 2.1).
+
+    Raises:
+        ValueError: an unknown ``modulation``.
     """
 
-    def __init__(self, hidden_size: int, patch_volume: int, out_channels: int):
+    def __init__(self, hidden_size: int, patch_volume: int, out_channels: int, modulation: str = "linear"):
         super().__init__()
+        if modulation not in FINAL_MODULATIONS:
+            raise ValueError(f"final_modulation={modulation!r} is not one of {list(FINAL_MODULATIONS)}")
         self.norm_final = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+        if modulation == "linear":
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
+            self.register_parameter("scale_shift_table", None)
+        else:
+            self.adaLN_modulation = None
+            self.scale_shift_table = nn.Parameter(torch.zeros(2, hidden_size))  # rows: shift, scale
         self.linear = nn.Linear(hidden_size, patch_volume * out_channels)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """Args: x ``(B, L, D)``, c ``(B, D)``. Returns ``(B, L, pt*ph*pw*C_out)``."""
-        shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # 2 x (B, D)
+        if self.adaLN_modulation is not None:
+            shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # 2 x (B, D)
+        else:
+            shift, scale = (c[:, None] + self.scale_shift_table[None]).unbind(1)  # 2 x (B, D)
         x = modulate(self.norm_final(x), shift, scale)  # (B, L, D)
         return self.linear(x)  # (B, L, P*C)
 
@@ -319,8 +390,10 @@ class VideoDiT(nn.Module):
         self.cross_attention = bool(cfg.cross_attention)
         self.prediction, self.x0_t_min = cfg.prediction, float(cfg.x0_t_min)
         self.patch_embed = PatchEmbed3D(self.patch_size, cfg.in_channels, cfg.hidden_size, cfg.pos_embed)
-        self.rope = RotaryEmbedding3D(cfg.hidden_size // cfg.num_heads, theta=cfg.rope_theta)
-        self.t_embedder = TimestepEmbedding(cfg.hidden_size)
+        head_dim = cfg.hidden_size // cfg.num_heads
+        self.rope = RotaryEmbedding3D(head_dim, theta=cfg.rope_theta, axes_dim=rope_axes_dim(head_dim, cfg.rope_split),
+                                      fp64=cfg.rope_fp64)
+        self.t_embedder = TimestepEmbedding(cfg.hidden_size, frequency_embedding_size=cfg.time_freq_dim)
         self.text_proj = TextProjection(cfg.text_dim, cfg.hidden_size)
         # pooled caption -> (B, D), added to the timestep embedding (SD3 / PixArt style)
         self.text_pool = nn.Sequential(nn.Linear(cfg.text_dim, cfg.hidden_size), nn.SiLU(),
@@ -331,10 +404,12 @@ class VideoDiT(nn.Module):
             self.adaLN_modulation = None
         self.blocks = nn.ModuleList(
             DiTBlock(cfg.hidden_size, cfg.num_heads, cfg.mlp_ratio, cfg.qk_norm, cfg.cross_attention,
-                     cfg.modulation)
+                     cfg.modulation, qk_norm_scope=cfg.qk_norm_scope, cross_attn_norm=cfg.cross_attn_norm,
+                     mlp_act=cfg.mlp_act)
             for _ in range(cfg.depth)
         )
-        self.final_layer = FinalLayer(cfg.hidden_size, math.prod(self.patch_size), cfg.in_channels)
+        self.final_layer = FinalLayer(cfg.hidden_size, math.prod(self.patch_size), cfg.in_channels,
+                                      cfg.final_modulation)
         self.init_weights()
 
     def num_tokens(self, num_frames: int, height: int, width: int) -> int:
@@ -355,7 +430,8 @@ class VideoDiT(nn.Module):
             x: ``(B, C, T, H, W)`` noisy latent ``x_t``.
             t: ``(B,)`` float flow time in ``[0, 1]`` (0 = data, 1 = noise).
             text: ``(B, Lc, text_dim)`` text-encoder hidden states.
-            text_mask: bool ``(B, Lc)``, True = real token; ``None`` = all tokens real.
+            text_mask: bool ``(B, Lc)``, True = real token; ``None`` = all tokens real. With
+                ``text_padding="zeros"`` padded tokens' features are zeroed and attended (Wan).
 
         Returns:
             ``(B, C, T, H, W)`` velocity, same dtype as the model.
@@ -378,6 +454,9 @@ class VideoDiT(nn.Module):
             m = torch.ones(text.shape[:2], device=text.device) if text_mask is None else text_mask.to(text.dtype)
             pooled_text = (text * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)  # (B, text_dim)
             c = c + self.text_pool(pooled_text.to(c.dtype))  # (B, D)
+        if self.cfg.text_padding == "zeros" and self.cross_attention and text_mask is not None:
+            text = text * text_mask[..., None].to(text.dtype)  # (B, Lc, text_dim): zero features at padding
+            text_mask = None  # every token is attended, as Wan does
         y = self.text_proj(text)  # (B, Lc, D)
         if not self.cross_attention:
             if text_mask is None:
@@ -459,7 +538,12 @@ class VideoDiT(nn.Module):
                 mark(module.weight, getattr(module, "bias", None))
 
         # adaLN-Zero (DiT Sec. 3.2) plus the zero cross-attention output (PixArt-alpha).
-        zeroed = [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        zeroed = [self.final_layer.linear]
+        if self.final_layer.adaLN_modulation is not None:
+            zeroed.append(self.final_layer.adaLN_modulation[-1])
+        if self.final_layer.scale_shift_table is not None:
+            nn.init.zeros_(self.final_layer.scale_shift_table)
+            mark(self.final_layer.scale_shift_table)
         if self.adaLN_modulation is not None:
             zeroed.append(self.adaLN_modulation[-1])
         for block in self.blocks:

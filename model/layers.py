@@ -15,7 +15,7 @@ from einops import rearrange
 from torch import nn
 
 __all__ = ["patch_grid", "sincos_pos_embed_3d", "PatchEmbed3D", "TimestepEmbedding", "TextProjection", "Mlp", "RMSNorm",
-           "modulate"]
+           "modulate", "mlp_activation", "MLP_ACTIVATIONS"]
 
 
 def patch_grid(patch_size: Sequence[int], num_frames: int, height: int, width: int) -> tuple[int, int, int]:
@@ -191,19 +191,43 @@ class TextProjection(nn.Module):
         return self.fc2(y)  # (B, Lc, D)
 
 
+MLP_ACTIVATIONS = ("gelu_tanh", "gelu", "silu")
+
+
+def mlp_activation(name: str) -> nn.Module:
+    """The activation module named by ``DiTConfig.mlp_act``: ``gelu_tanh`` (GELU, tanh approximation: DiT,
+    Wan), ``gelu`` (exact erf GELU) or ``silu``.
+
+    Raises:
+        ValueError: an unknown name (lists the valid ones).
+    """
+    if name == "gelu_tanh":
+        return nn.GELU(approximate="tanh")
+    if name == "gelu":
+        return nn.GELU()
+    if name == "silu":
+        return nn.SiLU()
+    raise ValueError(f"mlp_act={name!r} is not one of {list(MLP_ACTIVATIONS)}")
+
+
 class Mlp(nn.Module):
-    """Transformer feed-forward: Linear, GELU(tanh), Linear.
+    """Transformer feed-forward: Linear, activation (GELU(tanh) by default), Linear.
 
     Args:
         in_features: input width ``D``.
         hidden_features: inner width.
         out_features: output width (default ``in_features``).
+        act: activation name, see :func:`mlp_activation`.
+
+    Raises:
+        ValueError: an unknown ``act``.
     """
 
-    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None):
+    def __init__(self, in_features: int, hidden_features: int, out_features: int | None = None,
+                 act: str = "gelu_tanh"):
         super().__init__()
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU(approximate="tanh")
+        self.act = mlp_activation(act)
         self.fc2 = nn.Linear(hidden_features, out_features or in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

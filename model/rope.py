@@ -17,7 +17,10 @@ import torch
 from einops import rearrange
 from torch import nn
 
-__all__ = ["default_axes_dim", "RotaryEmbedding3D", "apply_rotary", "grid_positions"]
+__all__ = ["default_axes_dim", "wan_axes_dim", "rope_axes_dim", "ROPE_SPLITS", "RotaryEmbedding3D", "apply_rotary",
+           "grid_positions"]
+
+ROPE_SPLITS = ("default", "wan")
 
 
 def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
@@ -34,6 +37,33 @@ def default_axes_dim(head_dim: int) -> tuple[int, int, int]:
         raise ValueError(f"3D RoPE needs an even head_dim >= 6 (one rotation pair per axis); got {head_dim}")
     d_hw = 2 * ((head_dim * 3) // 16)
     return head_dim - 2 * d_hw, d_hw, d_hw
+
+
+def wan_axes_dim(head_dim: int) -> tuple[int, int, int]:
+    """Wan 2.1's split of ``head_dim`` into ``(d_t, d_h, d_w)``: ``d_h = d_w = 2 * floor(head_dim / 6)``
+    and ``d_t`` takes the rest (128 -> (44, 42, 42); the time axis gets the most channels).
+
+    Raises:
+        ValueError: if ``head_dim`` is odd or smaller than 6.
+    """
+    if head_dim % 2 != 0 or head_dim < 6:
+        raise ValueError(f"3D RoPE needs an even head_dim >= 6 (one rotation pair per axis); got {head_dim}")
+    d_hw = 2 * (head_dim // 6)
+    return head_dim - 2 * d_hw, d_hw, d_hw
+
+
+def rope_axes_dim(head_dim: int, split: str = "default") -> tuple[int, int, int]:
+    """``(d_t, d_h, d_w)`` for ``DiTConfig.rope_split``: ``"default"`` (:func:`default_axes_dim`) or
+    ``"wan"`` (:func:`wan_axes_dim`).
+
+    Raises:
+        ValueError: an unknown ``split`` or an impossible ``head_dim``.
+    """
+    if split == "default":
+        return default_axes_dim(head_dim)
+    if split == "wan":
+        return wan_axes_dim(head_dim)
+    raise ValueError(f"rope_split={split!r} is not one of {list(ROPE_SPLITS)}")
 
 
 def grid_positions(grid_size: tuple[int, int, int], device: torch.device | str | None = None) -> torch.Tensor:
@@ -60,12 +90,16 @@ class RotaryEmbedding3D(nn.Module):
         theta: RoPE base (10000 as in RoFormer).
         axes_dim: ``(d_t, d_h, d_w)``, each positive and even, summing to ``head_dim``; ``None`` uses
             :func:`default_axes_dim`.
+        fp64: compute frequencies and angles in float64 and round only ``cos``/``sin`` to float32, as
+            Wan 2.1 does (``1 / theta ** (2j / d)`` per axis, positions times frequencies in float64).
+            The fp32 default differs from it by up to ~1e-4 in the angle at positions near 1000.
 
     Raises:
         ValueError: if the split is impossible or invalid.
     """
 
-    def __init__(self, head_dim: int, theta: float = 10000.0, axes_dim: tuple[int, int, int] | list[int] | None = None):
+    def __init__(self, head_dim: int, theta: float = 10000.0, axes_dim: tuple[int, int, int] | list[int] | None = None,
+                 fp64: bool = False):
         super().__init__()
         axes = default_axes_dim(head_dim) if axes_dim is None else tuple(int(a) for a in axes_dim)
         if len(axes) != 3 or any(a <= 0 or a % 2 for a in axes) or sum(axes) != head_dim:
@@ -75,6 +109,7 @@ class RotaryEmbedding3D(nn.Module):
         self.head_dim = head_dim
         self.theta = float(theta)
         self.axes_dim = axes
+        self.fp64 = bool(fp64)
 
     def inv_freq(self, device: torch.device | str | None = None) -> torch.Tensor:
         """Per-pair angular frequencies, ``(3, D/2)`` laid out per axis chunk: each column has one non-zero
@@ -113,6 +148,8 @@ class RotaryEmbedding3D(nn.Module):
             positions = grid_positions(tuple(grid_size), device=device)  # (L, 3)
         elif positions.ndim != 2 or positions.shape[-1] != 3:
             raise ValueError(f"positions must be (L, 3); got {tuple(positions.shape)}")
+        if self.fp64:
+            return self._tables_fp64(positions)
         pos = positions.to(torch.float32)  # (L, 3)
         # Element-wise, not ``pos @ inv_freq``: autocast runs a matmul in bf16 (cos off by up to 0.08 on
         # a 16x30x52 grid) and CUDA may run an fp32 matmul in TF32. Each row of inv_freq has one
@@ -121,8 +158,18 @@ class RotaryEmbedding3D(nn.Module):
         angles = angles.repeat_interleave(2, dim=-1)  # (L, D)
         return angles.cos(), angles.sin()  # (L, D), (L, D)
 
+    def _tables_fp64(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin)`` ``(L, head_dim)`` float32 from float64 frequencies and angles (Wan's numerics)."""
+        pos = positions.to(torch.float64)  # (L, 3)
+        chunks = []
+        for axis, d in enumerate(self.axes_dim):
+            freqs = 1.0 / self.theta ** (torch.arange(0, d, 2, device=pos.device, dtype=torch.float64) / d)  # (d/2,)
+            chunks.append(pos[:, axis, None] * freqs[None])  # (L, d/2)
+        angles = torch.cat(chunks, dim=-1).repeat_interleave(2, dim=-1)  # (L, D) float64
+        return angles.cos().float(), angles.sin().float()  # (L, D), (L, D)
+
     def extra_repr(self) -> str:
-        return f"head_dim={self.head_dim}, axes_dim={self.axes_dim}, theta={self.theta}"
+        return f"head_dim={self.head_dim}, axes_dim={self.axes_dim}, theta={self.theta}, fp64={self.fp64}"
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -27,17 +27,70 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
-def build_model(cfg: TrainConfig, device: torch.device) -> VideoDiT:
+def build_model(cfg: TrainConfig, device: torch.device, init_from: bool = False) -> VideoDiT:
     """Build the DiT on the meta device, materialize on ``device``, then run the model's own init.
 
     Building on meta first is the path parallel training takes (parallelize between the two
     steps), so single-rank and sharded runs start from the same weights for the same seed.
+    With ``init_from`` and ``cfg.train.init_from`` set, the weights come from that export folder
+    instead (:func:`load_init_weights`). With ``cfg.lora.rank > 0`` LoRA adapters are injected
+    afterwards (seeded by ``train.seed``) and the base is frozen (:func:`vdit.train.lora.apply_lora`).
+
+    Raises:
+        FileNotFoundError, ValueError: from :func:`load_init_weights`.
     """
     with torch.device("meta"):
         model = VideoDiT(cfg.model)
     model.to_empty(device="cpu")  # init on CPU: the same weights whatever the device or sharding
-    model.init_weights(seed=cfg.train.seed)
+    if init_from and cfg.train.init_from:
+        load_init_weights(model, cfg.train.init_from, cfg.model)
+    else:
+        model.init_weights(seed=cfg.train.seed)
+    if cfg.lora.rank > 0:
+        from vdit.train.lora import apply_lora
+
+        apply_lora(model, cfg.lora, seed=cfg.train.seed)
     return model.to(device)
+
+
+def load_init_weights(model: VideoDiT, path: str, model_cfg) -> VideoDiT:
+    """Load an export folder's weights (``model.safetensors``, fp32 after loading) into a plain CPU ``model``.
+
+    Args:
+        model: a materialized plain ``VideoDiT`` of ``model_cfg``.
+        path: a ``vdit-export`` / ``vdit-import`` folder.
+        model_cfg: this run's :class:`~vdit.model.dit.DiTConfig`.
+
+    Raises:
+        FileNotFoundError: not an export folder.
+        ValueError: the folder's ``model`` config differs from ``model_cfg`` (lists the settings),
+            or its tensors do not fit (unknown / missing names, shapes naming the setting).
+    """
+    import dataclasses
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
+    from vdit.model.wan import check_vdit_state
+
+    weights, config = os.path.join(path, "model.safetensors"), os.path.join(path, "config.json")
+    for f in (weights, config):
+        if not os.path.exists(f):
+            raise FileNotFoundError(f"train.init_from: {f} not found (expected a vdit-export or vdit-import folder)")
+    with open(config) as f:
+        saved = json.load(f).get("config", {}).get("model", {})
+    ours = dataclasses.asdict(model_cfg)
+    diff = [f"model.{k}: run {ours[k]!r}, {path} {saved[k]!r}" for k in ours
+            if k in saved and k != "text_dim" and ours[k] != saved[k]
+            and not (isinstance(ours[k], float) and abs(ours[k] - float(saved[k])) < 1e-12)]
+    if diff:
+        raise ValueError("train.init_from: the model config differs from the weights' (use the same model preset):\n  "
+                         + "\n  ".join(diff))
+    state = load_file(weights)
+    check_vdit_state(state, model_cfg, f"train.init_from={path}")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+    return model
 
 
 def build_frozen(cfg: TrainConfig, device: torch.device):

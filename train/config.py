@@ -19,7 +19,10 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from vdit.data.buckets import BucketConfig
-from vdit.model.dit import MODULATIONS, POS_EMBEDS, DiTConfig
+from vdit.model.attention import QK_NORM_SCOPES
+from vdit.model.dit import FINAL_MODULATIONS, MODULATIONS, POS_EMBEDS, TEXT_PADDINGS, DiTConfig
+from vdit.model.layers import MLP_ACTIVATIONS
+from vdit.model.rope import ROPE_SPLITS
 from vdit.model.flow import PREDICTIONS, SOLVERS
 from vdit.model.vae import AUTOENCODERS
 from vdit.train.parallel.dims import ParallelConfig
@@ -158,6 +161,10 @@ class LoopConfig:
     optimizer and EMA state, kept and refilled by later saves); ``COMPLETE`` follows once every
     rank's write has finished, at most one save is in flight, and a save still running when ``fit``
     ends is waited for. ``false``: the blocking save (no extra host memory).
+    ``init_from``: a vdit export folder (``vdit-export``, ``vdit-import wan``) whose weights start a
+    fresh run instead of ``init_weights(seed)``: model weights only (new optimizer and scheduler,
+    EMA initialised from them, step 0); its ``model`` config must equal this run's. A checkpoint
+    found by ``resume`` takes precedence.
     """
 
     steps: int = 100
@@ -172,6 +179,26 @@ class LoopConfig:
     async_checkpoint: bool = True
     resume: str = "auto"
     device: str = "auto"
+    init_from: Optional[str] = None
+
+
+@dataclass
+class LoraConfig:
+    """LoRA finetuning through ``peft`` (:mod:`vdit.train.lora`); ``rank: 0`` trains every weight.
+
+    ``rank`` > 0 adds low-rank adapters ``W + (alpha / rank) B A`` (``A`` kaiming-uniform, ``B`` zero,
+    so training starts from the base model's function) to the ``nn.Linear`` layers of the DiT
+    blocks whose last name is in ``target_modules`` (``q_proj, k_proj, v_proj, out_proj`` of self-
+    and cross-attention, ``fc1, fc2`` of the MLP); every other weight is frozen (still FSDP-sharded)
+    and only the adapters are in the optimizer and the EMA. ``dropout`` is applied to the adapter
+    input. Checkpoints hold the adapters (and the frozen base); ``vdit-export --merge-lora`` folds
+    them into plain weights.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"])
 
 
 @dataclass
@@ -267,6 +294,7 @@ class TrainConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     run_name: str = "run"
     run_dir: str = "runs/${run_name}"
 
@@ -275,6 +303,11 @@ _VALID = {
     ("model", "modulation"): MODULATIONS,
     ("model", "prediction"): PREDICTIONS,
     ("model", "pos_embed"): POS_EMBEDS,
+    ("model", "qk_norm_scope"): QK_NORM_SCOPES,
+    ("model", "mlp_act"): MLP_ACTIVATIONS,
+    ("model", "final_modulation"): FINAL_MODULATIONS,
+    ("model", "rope_split"): ROPE_SPLITS,
+    ("model", "text_padding"): TEXT_PADDINGS,
     ("eval", "solver"): SOLVERS,
     ("text_encoder", "name"): ("minilm", "hf", "random"),
     ("vae", "name"): AUTOENCODERS,
@@ -399,6 +432,9 @@ _RANGES = {
     "model.depth": (lambda v: v >= 1, ">= 1"),
     "model.hidden_size": (lambda v: v >= 1, ">= 1"),
     "model.mlp_ratio": (lambda v: v > 0, "> 0"),
+    "lora.rank": (lambda v: v >= 0, ">= 0 (0 disables LoRA)"),
+    "lora.alpha": (lambda v: v > 0, "> 0"),
+    "lora.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "eval.every": (lambda v: v >= 0, ">= 0"),
     "eval.num_steps": (lambda v: v >= 1, ">= 1"),
     "eval.batch_size": (lambda v: v >= 1, ">= 1"),

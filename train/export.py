@@ -5,8 +5,15 @@ Run:
     vdit-export --run-dir runs/my_run --checkpoint runs/my_run/checkpoints/step-00020000 \
         --weights raw --out /models/my_run_20k
 
+    vdit-export --run-dir runs/wan_lora --merge-lora --format diffusers-wan --out /models/wan_lora_diffusers
+    vdit-export --from-export /models/wan13b_vdit --format diffusers-wan --out /models/wan13b_back
+
 Writes ``{out}/model.safetensors`` (fp32 by default, ``--dtype bf16`` to halve it) and
 ``{out}/config.json`` (the run's full config, so ``vdit-sample --weights {out}`` rebuilds the model).
+``--format diffusers-wan`` writes a folder ``diffusers.WanTransformer3DModel.from_pretrained`` loads
+instead (a Wan-style model: ``conf/model/wan2.1-t2v-*.yaml``; :mod:`vdit.model.wan`).
+``--merge-lora`` folds a LoRA run's adapters into the weights (needed for ``diffusers-wan``; without
+it a LoRA run's export keeps base and adapters apart and ``load_exported`` rebuilds the adapters).
 Weights with NaN/Inf are refused (exit status 1).
 Only the model (or EMA) tensors are read from the checkpoint: DCP loads exactly the requested
 keys and reshards them from whatever layout saved them (FSDP on N ranks, one process, ...), so
@@ -59,6 +66,10 @@ def load_checkpoint_weights(cfg: TrainConfig, checkpoint: str, weights: str = "e
 
     model = build_model(cfg, torch.device(device))
     manager = CheckpointManager(os.path.dirname(checkpoint.rstrip("/")))
+    if weights == "ema" and cfg.lora.rank > 0:  # the EMA follows the adapters only: the frozen base comes from the model
+        sd = {"app": {"model": get_model_state_dict(model)}}
+        manager.load(checkpoint, sd)
+        set_model_state_dict(model, sd["app"]["model"])
     if weights == "ema":
         ema = EMA(model, cfg.train.ema_decay)
         step = manager.load(checkpoint, {"ema": ema})
@@ -110,29 +121,69 @@ def main(argv: list[str] | None = None) -> int:
     from vdit.train.checkpoint import CheckpointManager
 
     ap = argparse.ArgumentParser(prog="vdit-export", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--run-dir", default=None)
+    ap.add_argument("--from-export", default=None, help="convert an export folder (vdit-export, vdit-import) instead")
+    ap.add_argument("--format", choices=["vdit", "diffusers-wan"], default="vdit")
+    ap.add_argument("--merge-lora", action="store_true", help="fold LoRA adapters into the weights")
     ap.add_argument("--checkpoint", default=None, help="checkpoint directory (default: latest complete)")
     ap.add_argument("--weights", choices=["ema", "raw"], default="ema")
     ap.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     ap.add_argument("--out", default=None, help="output folder (default: {run_dir}/export/step-N)")
     args = ap.parse_args(argv)
+    if (args.run_dir is None) == (args.from_export is None):
+        ap.error("give exactly one of --run-dir and --from-export")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     try:
-        cfg = load_run_config(args.run_dir)
-        ckpt = args.checkpoint or CheckpointManager(os.path.join(args.run_dir, "checkpoints")).latest()
-        if ckpt is None:
-            raise FileNotFoundError(f"no complete checkpoint under {args.run_dir}/checkpoints")
-        model, step = load_checkpoint_weights(cfg, ckpt, args.weights)
+        if args.from_export:
+            cfg, model, step = load_exported(args.from_export)
+            ckpt = args.from_export
+        else:
+            cfg = load_run_config(args.run_dir)
+            ckpt = args.checkpoint or CheckpointManager(os.path.join(args.run_dir, "checkpoints")).latest()
+            if ckpt is None:
+                raise FileNotFoundError(f"no complete checkpoint under {args.run_dir}/checkpoints")
+            model, step = load_checkpoint_weights(cfg, ckpt, args.weights)
         bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
         if bad:
             raise ValueError(f"{ckpt} has non-finite {args.weights} weights in {len(bad)} tensors (first: {bad[0]}); "
                              "refusing to export. Export an earlier checkpoint with --checkpoint")
+        if args.merge_lora or cfg.lora.rank > 0 and args.format == "diffusers-wan":
+            cfg, model = merge_lora_export(cfg, model, required=args.merge_lora)
+        out = args.out or os.path.join(args.run_dir or args.from_export, "export",
+                                       f"step-{step}" + ("-diffusers" if args.format == "diffusers-wan" else ""))
+        if args.format == "diffusers-wan":
+            from vdit.model.wan import write_diffusers_folder
+
+            out = str(write_diffusers_folder(out, cfg.model, model.state_dict(), dtype))
+        else:
+            out = export(cfg, model, out, step, args.weights, dtype)
     except (FileNotFoundError, ValueError) as exn:
         print(f"vdit-export: {exn}", file=sys.stderr)
         return 1
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-    out = export(cfg, model, args.out or os.path.join(args.run_dir, "export", f"step-{step}"), step, args.weights, dtype)
-    print(json.dumps({"step": step, "weights": args.weights, "export": out}))
+    print(json.dumps({"step": step, "weights": args.weights, "format": args.format, "export": out}))
     return 0
+
+
+def merge_lora_export(cfg: TrainConfig, model: torch.nn.Module, required: bool = True
+                      ) -> tuple[TrainConfig, torch.nn.Module]:
+    """Fold a LoRA model's adapters into plain weights; returns the config without LoRA and the plain model.
+
+    Raises:
+        ValueError: ``required`` (``--merge-lora`` given) and the run has no LoRA, or not ``required``
+            (a diffusers export of a LoRA run) -- the adapters must be merged explicitly.
+    """
+    import dataclasses
+
+    from vdit.train.lora import merge_lora
+
+    if cfg.lora.rank <= 0:
+        raise ValueError("--merge-lora: this run has no LoRA adapters (lora.rank=0)")
+    if not required:
+        raise ValueError("a LoRA run exports to diffusers only with its adapters merged: add --merge-lora")
+    merge_lora(model)
+    cfg = dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, rank=0),
+                              train=dataclasses.replace(cfg.train, init_from=None))
+    return cfg, model
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ from vdit.train.optim import build_optimizer, build_scheduler
 from vdit.train.parallel.attention import apply_attention_backend
 from vdit.train.parallel.deepspeed import DeepSpeedState, build_deepspeed, deepspeed_config, require_deepspeed
 from vdit.train.parallel.dims import ParallelDims, init_distributed, resolve_param_dtype
-from vdit.train.parallel.fsdp import (apply_activation_checkpointing, materialize_and_init, parallelize,
-                                      defer_grad_sync_fits, set_gradient_sync, sync_sp_gradients)
+from vdit.train.parallel.fsdp import (apply_activation_checkpointing, materialize_and_init, materialize_from_state,
+                                      parallelize, defer_grad_sync_fits, set_gradient_sync, sync_sp_gradients)
 from vdit.train.parallel.group_encode import encode_once_per_group
 from vdit.train.parallel.sequence import apply_sequence_parallel, build_sp_groups
 from vdit.train.preemption import Preemption, write_requeue_file
@@ -115,6 +115,7 @@ class Trainer:
         self.dtype = resolve_precision(cfg.train.precision, self.device)
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
+        torch.manual_seed(cfg.train.seed)  # the global stream (LoRA dropout) starts the same in every run
 
         self.dp_rank, self.dp_size = self.dims.dp_rank, self.dims.dp_size
         self.dp_group = self.dims.dp_group if self.dist.is_distributed and self.dp_size > 1 else None
@@ -130,7 +131,10 @@ class Trainer:
             self.resolve_flops_budget()
         self.engine = None  # DeepSpeed engine when parallel.backend=deepspeed
         self.model, self.optimizer, self.scheduler = self.build_parallel_model()
-        self.ema = EMA(self.model, cfg.train.ema_decay)
+        self.ema = EMA(self.model, cfg.train.ema_decay)  # trainable parameters only (LoRA: the adapters)
+        from vdit.train.lora import parameter_summary
+
+        self.param_summary = parameter_summary(self.model)  # logged at start (LoRA vs full finetune memory)
         self.checkpoints = CheckpointManager(os.path.join(self.run_dir, "checkpoints"), cfg.train.keep_last_k,
                                              timeout_s=cfg.reliability.collective_timeout_s)
         self.validator = Validator(cfg, self.frozen_encoders, self.device, self.dtype, self.dp_rank,
@@ -196,7 +200,7 @@ class Trainer:
                                         ring_group=groups.ring if groups else None)
         if pcfg.backend == "deepspeed":
             require_deepspeed()  # an optional extra: fail before building anything, with the install command
-            model = build_model(cfg, torch.device("cpu")).to(self.device)
+            model = build_model(cfg, torch.device("cpu"), init_from=True).to(self.device)
             apply_attention_backend(model, pcfg.attention_backend, self.device, self.dtype)
             if sp is not None:
                 sp(model)
@@ -213,6 +217,10 @@ class Trainer:
             return model, optimizer, scheduler
         with torch.device("meta"):
             model = VideoDiT(cfg.model)
+        if cfg.lora.rank > 0:  # adapters and frozen base before parallelizing: FSDP shards both alike
+            from vdit.train.lora import apply_lora
+
+            apply_lora(model, cfg.lora)
         # One process has nothing to shard over: FSDP only when there is a process group.
         eff = pcfg if self.dist.is_distributed else dataclasses.replace(pcfg, backend="none")
         # parallel.param_dtype=auto: bf16 FSDP parameters (fp32 reduction) for a bf16 run on CUDA
@@ -220,7 +228,10 @@ class Trainer:
         reference = copy.deepcopy(model) if eff.backend == "fsdp" else None
         apply_attention_backend(model, pcfg.attention_backend, self.device, self.dtype)
         parallelize(model, dims, eff, apply_sp=sp)
-        materialize_and_init(model, self.device, cfg.train.seed, reference=reference)
+        if cfg.train.init_from or cfg.lora.rank > 0:  # imported weights and/or seeded adapters, from a CPU twin
+            materialize_from_state(model, self.device, lambda: build_model(cfg, torch.device("cpu"), True).state_dict())
+        else:
+            materialize_and_init(model, self.device, cfg.train.seed, reference=reference)
         optimizer = build_optimizer(model, cfg.optim)
         return model, optimizer, build_scheduler(optimizer, cfg.optim, cfg.train.steps)
 
@@ -300,8 +311,11 @@ class Trainer:
             record_launch(self.run_dir, self.cfg, {
                 "world_size": self.dist.world_size, "dp_size": self.dp_size, "sp_size": self.dims.sp_size,
                 "dp_replicate": p.dp_replicate, "dp_shard": p.dp_shard, "backend": p.backend,
-                "device": str(self.device), "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", 1))},
-                self.step)
+                "device": str(self.device), "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", 1)),
+                **self.param_summary}, self.step)
+            log.info("parameters: %d trainable, %d frozen; AdamW state %.3g GB (fp32, all ranks)",
+                     self.param_summary["params/trainable"], self.param_summary["params/frozen"],
+                     self.param_summary["optim/state_bytes"] / 1e9)
         cfg = self.cfg.train
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         logger = RunLogger(self.run_dir, self.cfg.wandb, OmegaConf.to_container(OmegaConf.structured(self.cfg)),

@@ -53,6 +53,7 @@ from vdit.train.parallel.dims import DTYPES, AC_MODES, ParallelConfig, ParallelD
 log = logging.getLogger(__name__)
 
 __all__ = ["apply_activation_checkpointing", "apply_compile", "apply_fsdp", "parallelize", "materialize_and_init",
+           "materialize_from_state",
            "sync_sp_gradients", "set_gradient_sync", "gather_full_state_dict", "is_sharded"]
 
 
@@ -237,6 +238,31 @@ def materialize_and_init(model: nn.Module, device: torch.device | str, seed: int
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     if dist.get_rank() == 0:
         reference.to_empty(device="meta")  # free the host copy
+    return model
+
+
+@torch.no_grad()
+def materialize_from_state(model: nn.Module, device: torch.device | str,
+                           full_state: Callable[[], dict[str, torch.Tensor]]) -> nn.Module:
+    """Allocate a meta-device (possibly sharded) model on ``device`` and load a full state dict into it.
+
+    ``full_state()`` builds the un-sharded CPU state (imported weights, LoRA adapters): called once,
+    on rank 0 only when the model is sharded (its tensors are broadcast and each rank keeps its
+    shards, as in :func:`materialize_and_init`), so one full copy exists in host memory for a moment.
+
+    Raises:
+        RuntimeError: the state does not match the model (strict load).
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    device = torch.device(device)
+    if not is_sharded(model):
+        model.to_empty(device="cpu")
+        model.load_state_dict(full_state())
+        return model.to(device)
+    model.to_empty(device=device)
+    full = full_state() if dist.get_rank() == 0 else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     return model
 
 
