@@ -14,8 +14,9 @@ Per video (``uint8 (T, H, W, 3)`` RGB) against its :class:`~vdit.data.synthetic.
 - ``floor_color_err``: the same over the floor band (less the margin row at its top when the band
   has more than one row); None for a scene without a floor band;
 - ``ball_found_frac``: per ball, the fraction of frames in which its colour (within ``tol`` per
-  channel) forms a blob of at least ``max(2, 0.2 pi r^2)`` pixels, the rule of
-  :func:`vdit.eval.physics.track_balls`; mean over the scene's balls;
+  channel) forms a blob of at least ``max(2, 0.2 pi r^2)`` pixels (the rule of
+  :func:`vdit.eval.physics.track_balls`) and at most ``4 pi r^2`` (twice the caption's radius): a
+  cloud of the ball's colour over much of the frame is not a ball; mean over the scene's balls;
 - ``ball_size_err``: per ball, the median over found frames of ``|sqrt(area / pi) - r| / r`` (the
   blob's equivalent radius against the caption's radius), mean over balls; None if never found.
 
@@ -40,6 +41,7 @@ __all__ = ["FIDELITY_KEYS", "rescale_scene", "scene_fidelity", "summarize_fideli
 
 FIDELITY_KEYS = ("bg_color_err", "floor_color_err", "ball_found_frac", "ball_size_err")
 IMPLEMENTATION = "vdit.eval.fidelity"
+MAX_AREA_FACTOR = 4.0  # a found ball's blob is at most MAX_AREA_FACTOR * pi r^2 pixels (radius <= 2 r)
 ORIGINAL = "vdit scene fidelity on procedural prompts (new metric, no published original)"
 
 
@@ -102,9 +104,11 @@ def scene_fidelity(video: np.ndarray, params: SceneParams, tol: int = 40) -> dic
         for k, ball in enumerate(params.balls):
             mask, areas = _blob_areas(frame, ball.rgb, tol)
             balls_mask |= mask
-            if areas.size and areas.max() >= max(2.0, 0.2 * math.pi * ball.radius ** 2):
+            ball_sized = areas[(areas >= max(2.0, 0.2 * math.pi * ball.radius ** 2))
+                               & (areas <= MAX_AREA_FACTOR * math.pi * ball.radius ** 2)]
+            if ball_sized.size:
                 found[k, i] = True
-                radii[k].append(math.sqrt(float(areas.max()) / math.pi))
+                radii[k].append(math.sqrt(float(ball_sized.max()) / math.pi))
         keep = cv2.dilate(balls_mask, kernel) == 0  # (H, W) not near a ball-coloured pixel
         err = np.abs(frame.astype(np.float64) - np.asarray(params.background_rgb, np.float64)).mean(-1)  # (H, W)
         region = keep[:bg_rows]

@@ -23,6 +23,7 @@ __all__ = [
     "shift_timesteps",
     "resolution_shift",
     "flow_loss",
+    "foreground_weights",
     "euler_step",
     "heun_step",
     "sampling_timesteps",
@@ -164,14 +165,51 @@ def resolution_shift(num_tokens: int, base_tokens: int, base_shift: float = 1.0)
     return base_shift * math.sqrt(num_tokens / base_tokens)
 
 
+def foreground_weights(x0: torch.Tensor, strength: float) -> torch.Tensor:
+    """Per-element loss weights that favour what differs from the clip's static background.
+
+    ``w = 1 + strength * mean_c |x0 - median_T(x0)|``: the temporal median of each position over
+    the clip's frames estimates the static background, so a moving object gets weight along its
+    whole path while a static scene keeps weight 1. In a small clip a moving object covers a few
+    percent of the elements and hence of the plain MSE; this lets the loss see it.
+
+    The weights depend on the clean target, so they move the loss minimiser away from
+    ``E[x0 | x_t]``: where the object's position is unknown (high noise) the optimum is a mean in
+    which the object's colour counts ``w`` times, and strong weights make samples paint clouds of
+    that colour. Weights computed from the noisy input instead keep the minimiser but did not help
+    (docs/training-recipe.md has both measurements), so this is a trade-off knob, off by default.
+
+    Args:
+        x0: ``(B, C, T, H, W)`` clean latents (pixels in [-1, 1] for the identity autoencoder).
+        strength: weight per unit of absolute deviation (latent units); 0 gives all ones.
+
+    Returns:
+        float32 ``(B, 1, T, H, W)`` weights >= 1, to broadcast over channels.
+
+    Raises:
+        ValueError: ``x0`` not 5-D, or a negative ``strength``.
+    """
+    if x0.ndim != 5:
+        raise ValueError(f"x0 must be (B, C, T, H, W); got shape {tuple(x0.shape)}")
+    if strength < 0:
+        raise ValueError(f"strength must be >= 0; got {strength}")
+    x = x0.detach().float().contiguous()  # median over a stride-0 (expanded) dim is wrong in torch 2.13
+    background = x.median(dim=2, keepdim=True).values  # (B, C, 1, H, W)
+    return 1.0 + strength * (x - background).abs().mean(dim=1, keepdim=True)  # (B, 1, T, H, W)
+
+
 def flow_loss(
-    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None
+    pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None = None,
+    element_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flow-matching MSE, computed in fp32.
 
     Args:
         pred, target: ``(B, ...)`` predicted and target velocity.
         weight: optional ``(B,)`` per-sample weights (e.g. a timestep weighting).
+        element_weight: optional per-element weights broadcastable to ``pred`` (e.g.
+            :func:`foreground_weights`, ``(B, 1, T, H, W)``); the squared error is multiplied by it
+            before the mean.
 
     Returns:
         ``(per_sample (B,), mean scalar)``: per-sample MSE over all non-batch dims (times
@@ -182,7 +220,10 @@ def flow_loss(
     """
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} differ")
-    per_sample = (pred.float() - target.float()).square().flatten(1).mean(dim=1)  # (B,)
+    sq = (pred.float() - target.float()).square()
+    if element_weight is not None:
+        sq = sq * element_weight.float()
+    per_sample = sq.flatten(1).mean(dim=1)  # (B,)
     if weight is not None:
         per_sample = per_sample * weight.float()
     return per_sample, per_sample.mean()

@@ -104,6 +104,28 @@ def test_flow_loss():
     assert math.isclose(flow.flow_loss(target, target)[1].item(), 0.0)
 
 
+def test_foreground_weights_mark_the_moving_object_and_leave_static_scenes_at_one():
+    static = torch.rand(2, 3, 1, 6, 6).expand(2, 3, 5, 6, 6)  # (B, C, T, H, W), no motion
+    assert torch.equal(flow.foreground_weights(static, 10.0), torch.ones(2, 1, 5, 6, 6))
+    video = torch.full((1, 3, 5, 6, 6), -1.0)  # black background, a white dot moving right
+    for t in range(5):
+        video[0, :, t, 2, t] = 1.0
+    w = flow.foreground_weights(video, 10.0)  # deviation 2 on the dot, 0 elsewhere
+    expected = torch.ones(1, 1, 5, 6, 6)
+    for t in range(5):
+        expected[0, 0, t, 2, t] = 21.0
+    assert torch.equal(w, expected)
+    assert torch.equal(flow.foreground_weights(video, 0.0), torch.ones(1, 1, 5, 6, 6))
+    # the weights multiply each element's squared error
+    pred, target = torch.zeros(1, 3, 5, 6, 6), video
+    per_sample, _ = flow.flow_loss(pred, target, element_weight=w)
+    assert torch.allclose(per_sample, (w * target.square()).mean().reshape(1))
+    with pytest.raises(ValueError, match="strength"):
+        flow.foreground_weights(video, -1.0)
+    with pytest.raises(ValueError, match="B, C, T, H, W"):
+        flow.foreground_weights(video[0], 1.0)
+
+
 def test_heun_is_second_order_and_counts_evaluations():
     # dx/dt = -x / (1 + t) has the exact solution x(0) = x(1) * 2 (x(t) (1 + t) is constant).
     x1 = torch.ones(3, 2)
