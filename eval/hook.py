@@ -272,11 +272,13 @@ def sample_entry(index: int, prompt: str, video: np.ndarray, scene: SceneParams 
 
 def finish_evaluation(cfg, step: int, run_dir: str, prompts: list[str], params: list[SceneParams | None],
                       kinds: list[str | None], entries: list[dict[str, Any]],
-                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+                      extra: dict[str, Any] | None = None,
+                      extra_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write what one evaluation leaves besides the mp4s, from every prompt's :func:`sample_entry`
     (on one rank): ``contact_sheet.png``, ``prompts.json`` and ``scenes.json`` in
     ``samples/step-N/`` and ``eval/step-N.json`` (atomically: temp file + rename, so a reader never
-    sees half of it). Per-set means are taken over all prompts here (:func:`summarize_scores`).
+    sees half of it). Per-set means are taken over all prompts here (:func:`summarize_scores`);
+    ``extra_metrics`` (e.g. the continuation suite's, :mod:`vdit.eval.continuation`) join them.
 
     Raises:
         ValueError: ``entries`` do not hold each prompt index exactly once.
@@ -304,7 +306,7 @@ def finish_evaluation(cfg, step: int, run_dir: str, prompts: list[str], params: 
     scores = summarize_scores([en["scored"] for en in entries], score_names(params), kinds)
     result = {
         "step": step,
-        "metrics": scores["metrics"],
+        "metrics": {**scores["metrics"], **(extra_metrics or {})},
         "videos": [{"prompt": p, "path": en["path"], **s, **({"error": en["error"]} if en["error"] else {})}
                    for p, en, s in zip(prompts, entries, scores["per_video"])],
         "contact_sheet": os.path.relpath(sheet, run_dir),

@@ -29,6 +29,11 @@ What happens, on every rank of the job:
    (:func:`vdit.eval.hook.finish_evaluation`). A broadcast from rank 0 ends the evaluation on every
    rank (a failure there is raised on every rank, not only on rank 0, so none waits for it).
 
+5. **Continuation suite** (when ``eval.continuation_clips`` / ``eval.continuation_scenes`` > 0,
+   :mod:`vdit.eval.continuation`): the same sharing for the continuation cases (built on rank 0,
+   broadcast, continued on the data-parallel ranks, scored where sampled), gathered with the
+   prompts' records; its metrics join the step's ``metrics`` as ``continuation/...``.
+
 A failure after sampling on some rank (an unwritable file, a metric that raises) is recorded in
 that video's row and never raised, so every rank always reaches the gather.
 
@@ -54,6 +59,7 @@ import torch
 import torch.distributed as dist
 
 from vdit.data.transforms import to_uint8_video
+from vdit.eval.continuation import agreed_cases, continuation_enabled, continue_share, summarize_continuation
 from vdit.eval.hook import eval_prompts, finish_evaluation, sample_entry, score_names
 from vdit.eval.sample import sample_latents
 
@@ -165,9 +171,11 @@ def evaluate_sharded(cfg, model: torch.nn.Module, encode_text: TextFn, vae, step
             log.warning("eval: no prompts (eval.prompts is empty and no physics prompts): step %d not evaluated", step)
         return None
     fps = cfg.data.target_fps or 8.0
+    cases = agreed_cases(cfg, vae, ranks) if continuation_enabled(cfg) else []
     was_training = model.training
     try:
         videos = sample_share(cfg, model, encode_text, vae, prompts, device, dtype, ranks)
+        cont = continue_share(cfg, model, encode_text, vae, cases, step, run_dir, device, dtype, ranks) if cases else []
     finally:
         model.train(was_training)
     t_sampled = time.perf_counter()
@@ -178,15 +186,19 @@ def evaluate_sharded(cfg, model: torch.nn.Module, encode_text: TextFn, vae, step
     t_scored = time.perf_counter()
     if ranks.dp_group is not None and ranks.dp_size > 1 and ranks.sp_rank == 0:
         gathered: list[Any] | None = [None] * ranks.dp_size if ranks.is_main else None
-        dist.gather_object(entries, gathered, dst=0, group=ranks.dp_group)
-        entries = [en for part in gathered for en in part] if gathered is not None else []
+        dist.gather_object((entries, cont), gathered, dst=0, group=ranks.dp_group)
+        entries = [en for part in gathered for en in part[0]] if gathered is not None else []
+        cont = [en for part in gathered for en in part[1]] if gathered is not None else []
     result, error = None, None
     if ranks.is_main:
         timing = {"sample_s": round(t_sampled - t0, 3), "score_s": round(t_scored - t_sampled, 3),
                   "ranks": ranks.dp_size}
         try:
+            suite = summarize_continuation(cases, cont) if cases else None
+            more = {"continuation": suite["videos"]} if suite else {}
             result = finish_evaluation(cfg, step, run_dir, prompts, params, kinds, entries,
-                                       {"timing": timing, **(extra or {})})
+                                       {"timing": timing, **more, **(extra or {})},
+                                       extra_metrics=suite["metrics"] if suite else None)
         except Exception as exn:
             if not ranks.distributed:
                 raise

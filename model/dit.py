@@ -4,6 +4,7 @@ Architecture (DiT, Peebles & Xie 2023, extended to video and text):
 
     x (B, C, T, H, W) --patch_embed--> tokens (B, L, D) --blocks--> final_layer --> unpatchify
     t (B,)            --t_embedder---> c (B, D)   conditions every block by adaLN-Zero
+    t (B, T)          --t_embedder---> c (B, T', D) per latent frame; token l takes row token_frames[l]
     text (B, Lc, E)   --text_proj----> y (B, Lc, D) read by cross-attention in every block
     rope(grid_size)   --> (cos, sin) (L, Dh) rotates q/k of every self-attention
 
@@ -21,8 +22,15 @@ Wan's timestep embedding (sinusoid of ``1000 t``, cos first, 256 wide), text MLP
 Linear), shared modulation with per-block ``(6, D)`` tables, affine cross-attention LayerNorm and
 GELU(tanh) MLP are what vdit already does with ``modulation="shared"``.
 
+Per-frame timesteps (frame-conditioned continuation, :mod:`vdit.train.conditioning`): with ``t`` of
+shape ``(B, T)`` the conditioning is computed once per temporal token slice, ``(B, T', D)``, and each
+block turns it into its modulation ``(B, T', 6D)`` and then picks one row per token through the
+index ``token_frames`` ``(L,)`` (a parameter-free module), so tokens of frame ``f`` are modulated with
+``t[:, f]``. ``t`` of shape ``(B,)`` takes the original path, unchanged.
+
 Forward hooks are the extension points for parallelism (see vdit.train.parallel): ``patch_embed``'s
-output (tokens), ``rope``'s output (cos/sin) and ``final_layer``'s output (per-token patches, gathered there: P wide instead of D wide).
+output (tokens), ``rope``'s output (cos/sin), ``token_frames``' output (the per-token frame index, sharded
+like the tokens) and ``final_layer``'s output (per-token patches, gathered there: P wide instead of D wide).
 The model itself is single-device code.
 """
 
@@ -38,7 +46,8 @@ from torch import nn
 
 from .attention import QK_NORM_SCOPES, Attention
 from .flow import PREDICTIONS, velocity_from_x0
-from .layers import MLP_ACTIVATIONS, Mlp, PatchEmbed3D, TextProjection, TimestepEmbedding, modulate, patch_grid
+from .layers import (MLP_ACTIVATIONS, Mlp, PatchEmbed3D, TextProjection, TimestepEmbedding, TokenFrames, modulate,
+                     patch_grid, per_frame_apply, per_sample_term, per_token)
 from .rope import ROPE_SPLITS, RotaryEmbedding3D, rope_axes_dim
 
 __all__ = ["DiTConfig", "DiTBlock", "FinalLayer", "VideoDiT", "num_tokens", "MODULATIONS", "FINAL_MODULATIONS",
@@ -286,38 +295,47 @@ class DiTBlock(nn.Module):
         context: torch.Tensor | None = None,
         context_mask: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        token_frames: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Args:
             x: ``(B, L, D)`` video tokens.
             c: per-sample conditioning: ``(B, D)`` (timestep embedding) with per-block modulation, or
-                ``(B, 6D)`` (the model's shared adaLN projection) with shared modulation.
+                ``(B, 6D)`` (the model's shared adaLN projection) with shared modulation; per frame
+                (per-frame timesteps): ``(B, F, D)`` or ``(B, F, 6D)``.
             context: ``(B, Lc, D)`` projected text tokens (required when the block has cross-attention).
             context_mask: bool ``(B, Lc)``, True = real token.
             rope: ``(cos, sin)`` each ``(L, D / num_heads)``.
+            token_frames: int64 ``(L,)``, the row of a per-frame ``c`` each token takes (required
+                when ``c`` is per frame, ignored otherwise).
 
         Returns:
             ``(B, L, D)``.
 
         Raises:
-            ValueError: if the block has cross-attention and ``context`` is None, or ``c`` is not
-                ``(B, 6D)`` for a block with shared modulation.
+            ValueError: if the block has cross-attention and ``context`` is None, ``c`` is not
+                ``(B, 6D)`` for a block with shared modulation, or ``c`` is per frame without
+                ``token_frames``.
         """
         if self.scale_shift_table is None:
-            mod = self.adaLN_modulation(c)  # (B, 6D)
+            mod = per_frame_apply(self.adaLN_modulation, c, c.ndim == 3)  # (B, 6D) or (B, F, 6D)
         else:
             if c.shape[-1] != 6 * self.hidden_size:
                 raise ValueError(f"this DiTBlock uses shared modulation: pass c (B, 6D)=(B, {6 * self.hidden_size}),"
                                  f" the model's shared adaLN projection; got {tuple(c.shape)}")
-            mod = c + self.scale_shift_table.reshape(-1)  # (B, 6D); row i of the table is chunk i
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)  # 6 x (B, D)
+            mod = c + self.scale_shift_table.reshape(-1)  # (B, 6D) or (B, F, 6D); row i of the table is chunk i
+        if mod.ndim == 3:  # per frame: one modulation per token
+            if token_frames is None:
+                raise ValueError("a per-frame conditioning c (B, F, D) needs token_frames (L,)")
+            mod = mod[:, token_frames]  # (B, L, 6D)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=-1)  # 6 x (B, [L,] D)
         h = modulate(self.norm1(x), shift_msa, scale_msa)  # (B, L, D)
-        x = x + gate_msa[:, None] * self.attn(h, rope=rope)  # (B, L, D)
+        x = x + per_token(gate_msa) * self.attn(h, rope=rope)  # (B, L, D)
         if self.cross_attn is not None:
             if context is None:
                 raise ValueError("this DiTBlock has cross-attention: pass context (B, Lc, D)")
             x = x + self.cross_attn(self.norm_cross(x), context=context, context_mask=context_mask)  # (B, L, D)
         h = modulate(self.norm2(x), shift_mlp, scale_mlp)  # (B, L, D)
-        x = x + gate_mlp[:, None] * self.mlp(h)  # (B, L, D)
+        x = x + per_token(gate_mlp) * self.mlp(h)  # (B, L, D)
         return x
 
 
@@ -348,12 +366,17 @@ class FinalLayer(nn.Module):
             self.scale_shift_table = nn.Parameter(torch.zeros(2, hidden_size))  # rows: shift, scale
         self.linear = nn.Linear(hidden_size, patch_volume * out_channels)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """Args: x ``(B, L, D)``, c ``(B, D)``. Returns ``(B, L, pt*ph*pw*C_out)``."""
+    def forward(self, x: torch.Tensor, c: torch.Tensor, token_frames: torch.Tensor | None = None) -> torch.Tensor:
+        """Args: x ``(B, L, D)``, c ``(B, D)`` or per frame ``(B, F, D)`` with ``token_frames`` int64
+        ``(L,)`` (see :meth:`DiTBlock.forward`). Returns ``(B, L, pt*ph*pw*C_out)``."""
         if self.adaLN_modulation is not None:
-            shift, scale = self.adaLN_modulation(c).chunk(2, dim=-1)  # 2 x (B, D)
+            shift, scale = per_frame_apply(self.adaLN_modulation, c, c.ndim == 3).chunk(2, dim=-1)  # 2 x (B, [F,] D)
         else:
-            shift, scale = (c[:, None] + self.scale_shift_table[None]).unbind(1)  # 2 x (B, D)
+            shift, scale = (c.unsqueeze(-2) + self.scale_shift_table).unbind(-2)  # 2 x (B, [F,] D)
+        if c.ndim == 3:  # per frame: one (shift, scale) per token
+            if token_frames is None:
+                raise ValueError("a per-frame conditioning c (B, F, D) needs token_frames (L,)")
+            shift, scale = shift[:, token_frames], scale[:, token_frames]  # 2 x (B, L, D)
         x = modulate(self.norm_final(x), shift, scale)  # (B, L, D)
         return self.linear(x)  # (B, L, P*C)
 
@@ -394,6 +417,7 @@ class VideoDiT(nn.Module):
         self.rope = RotaryEmbedding3D(head_dim, theta=cfg.rope_theta, axes_dim=rope_axes_dim(head_dim, cfg.rope_split),
                                       fp64=cfg.rope_fp64)
         self.t_embedder = TimestepEmbedding(cfg.hidden_size, frequency_embedding_size=cfg.time_freq_dim)
+        self.token_frames = TokenFrames()  # per-frame timesteps: token -> temporal slice (a hook point for SP)
         self.text_proj = TextProjection(cfg.text_dim, cfg.hidden_size)
         # pooled caption -> (B, D), added to the timestep embedding (SD3 / PixArt style)
         self.text_pool = nn.Sequential(nn.Linear(cfg.text_dim, cfg.hidden_size), nn.SiLU(),
@@ -428,7 +452,12 @@ class VideoDiT(nn.Module):
 
         Args:
             x: ``(B, C, T, H, W)`` noisy latent ``x_t``.
-            t: ``(B,)`` float flow time in ``[0, 1]`` (0 = data, 1 = noise).
+            t: ``(B,)`` float flow time in ``[0, 1]`` (0 = data, 1 = noise), or ``(B, T)``: one time per
+                latent frame (frame-conditioned continuation gives the conditioning frames ``t = 0``);
+                the tokens of frame ``f`` are modulated with ``t[:, f]`` and the x0 -> velocity
+                conversion divides frame ``f`` by ``max(t[:, f], x0_t_min)``. With a temporal patch
+                ``pt > 1`` the frames of one patch must share their time. Equal times across the
+                frames give the same output as ``t[:, 0]`` of shape ``(B,)``.
             text: ``(B, Lc, text_dim)`` text-encoder hidden states.
             text_mask: bool ``(B, Lc)``, True = real token; ``None`` = all tokens real. With
                 ``text_padding="zeros"`` padded tokens' features are zeroed and attended (Wan).
@@ -437,23 +466,31 @@ class VideoDiT(nn.Module):
             ``(B, C, T, H, W)`` velocity, same dtype as the model.
 
         Raises:
-            ValueError: on wrong ranks/channels, or ``T, H, W`` not divisible by ``patch_size``.
+            ValueError: on wrong ranks/channels, ``t`` neither ``(B,)`` nor ``(B, T)``, per-frame times
+                that differ inside a temporal patch, or ``T, H, W`` not divisible by ``patch_size``.
         """
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must be (B, {self.in_channels}, T, H, W); got {tuple(x.shape)}")
-        if t.shape != (x.shape[0],):
-            raise ValueError(f"t must be (B,)=({x.shape[0]},); got {tuple(t.shape)}")
+        if t.shape not in ((x.shape[0],), tuple(x.shape[:1] + x.shape[2:3])):
+            raise ValueError(f"t must be (B,)=({x.shape[0]},) or (B, T)=({x.shape[0]}, {x.shape[2]}); "
+                             f"got {tuple(t.shape)}")
         if text.ndim != 3 or text.shape[0] != x.shape[0]:
             raise ValueError(f"text must be (B, Lc, text_dim) with B={x.shape[0]}; got {tuple(text.shape)}")
         _, _, T, H, W = x.shape
         grid = self.patch_embed.grid_size(T, H, W)  # (T', H', W'); raises if indivisible
         h = self.patch_embed(x)  # (B, L, D)
         rope = self.rope(grid, device=x.device)  # (cos, sin), each (L, Dh)
-        c = self.t_embedder(t)  # (B, D)
+        token_frames = None
+        if t.ndim == 2:  # per-frame times: conditioning per temporal token slice, picked per token in the blocks
+            t_grid = self._grid_times(t)  # (B, T')
+            c = per_frame_apply(self.t_embedder, t_grid, True)  # (B, T', D)
+            token_frames = self.token_frames(grid, x.device)  # (L,); under SP this rank's tokens
+        else:
+            c = self.t_embedder(t)  # (B, D)
         if self.text_pool is not None:
             m = torch.ones(text.shape[:2], device=text.device) if text_mask is None else text_mask.to(text.dtype)
             pooled_text = (text * m[..., None]).sum(1) / m.sum(1, keepdim=True).clamp_min(1.0)  # (B, text_dim)
-            c = c + self.text_pool(pooled_text.to(c.dtype))  # (B, D)
+            c = c + per_sample_term(self.text_pool(pooled_text.to(c.dtype)), c)  # (B, [T',] D)
         if self.cfg.text_padding == "zeros" and self.cross_attention and text_mask is not None:
             text = text * text_mask[..., None].to(text.dtype)  # (B, Lc, text_dim): zero features at padding
             text_mask = None  # every token is attended, as Wan does
@@ -463,13 +500,17 @@ class VideoDiT(nn.Module):
                 text_mask = torch.ones(y.shape[:2], dtype=torch.bool, device=y.device)  # (B, Lc)
             w = text_mask.to(y.dtype)  # (B, Lc)
             pooled = (y * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1.0)  # (B, D)
-            c = c + pooled  # (B, D)
+            c = c + per_sample_term(pooled, c)  # (B, [T',] D)
             y, text_mask = None, None
         # per-block modulation: every block gets c; shared: the one projection, computed once here
-        block_c = c if self.adaLN_modulation is None else self.adaLN_modulation(c)  # (B, D) or (B, 6D)
+        block_c = c if self.adaLN_modulation is None else \
+            per_frame_apply(self.adaLN_modulation, c, c.ndim == 3)  # (B, [T',] D or 6D)
         for block in self.blocks:
-            h = block(h, block_c, y, text_mask, rope)  # (B, L, D)
-        h = self.final_layer(h, c)  # (B, L, pt*ph*pw*C)
+            if token_frames is None:
+                h = block(h, block_c, y, text_mask, rope)  # (B, L, D)
+            else:
+                h = block(h, block_c, y, text_mask, rope, token_frames)  # (B, L, D)
+        h = self.final_layer(h, c) if token_frames is None else self.final_layer(h, c, token_frames)  # (B, L, P*C)
         pt, ph, pw = self.patch_size
         out = rearrange(
             h,
@@ -477,8 +518,23 @@ class VideoDiT(nn.Module):
             t=grid[0], h=grid[1], w=grid[2], pt=pt, ph=ph, pw=pw,
         )  # (B, C, T, H, W)
         if self.prediction == "x0":
-            out = velocity_from_x0(out, x.to(out.dtype), t, self.x0_t_min)  # (B, C, T, H, W) velocity
+            t_x = t if t.ndim == 1 else t.to(out.dtype)[:, None, :, None, None]  # (B,) or (B, 1, T, 1, 1)
+            out = velocity_from_x0(out, x.to(out.dtype), t_x, self.x0_t_min)  # (B, C, T, H, W) velocity
         return out
+
+    def _grid_times(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-latent-frame times ``(B, T)`` -> one per temporal token slice ``(B, T')`` (``T' = T / pt``).
+
+        Raises:
+            ValueError: frames of one temporal patch with different times (a patch token has one time).
+        """
+        pt = self.patch_size[0]
+        if pt == 1:
+            return t
+        grouped = t.unflatten(1, (-1, pt))  # (B, T', pt)
+        if not torch.equal(grouped, grouped[..., :1].expand_as(grouped)):
+            raise ValueError(f"per-frame t must be equal within each temporal patch of {pt} frames; got {t.tolist()}")
+        return grouped[..., 0]  # (B, T')
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:

@@ -7,7 +7,7 @@ with Transformers"); the caption projection follows PixArt-alpha (Chen et al. 20
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +15,8 @@ from einops import rearrange
 from torch import nn
 
 __all__ = ["patch_grid", "sincos_pos_embed_3d", "PatchEmbed3D", "TimestepEmbedding", "TextProjection", "Mlp", "RMSNorm",
-           "modulate", "mlp_activation", "MLP_ACTIVATIONS"]
+           "TokenFrames", "modulate", "per_token", "per_frame_apply", "per_sample_term", "mlp_activation",
+           "MLP_ACTIVATIONS"]
 
 
 def patch_grid(patch_size: Sequence[int], num_frames: int, height: int, width: int) -> tuple[int, int, int]:
@@ -260,14 +261,55 @@ class RMSNorm(nn.RMSNorm):
         return F.rms_norm(x, self.normalized_shape, weight, self.eps)  # (..., D)
 
 
+def per_token(v: torch.Tensor) -> torch.Tensor:
+    """A modulation vector ready to broadcast over tokens: ``(B, D) -> (B, 1, D)``; ``(B, L, D)`` (one
+    vector per token, per-frame timesteps) is returned as it is."""
+    return v[:, None] if v.ndim == 2 else v
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation (DiT): ``x * (1 + scale) + shift`` broadcast over tokens.
 
     Args:
         x: ``(B, L, D)``.
-        shift, scale: ``(B, D)``.
+        shift, scale: ``(B, D)`` (one per sample) or ``(B, L, D)`` (one per token).
 
     Returns:
         ``(B, L, D)``.
     """
-    return x * (1 + scale[:, None]) + shift[:, None]
+    return x * (1 + per_token(scale)) + per_token(shift)
+
+
+class TokenFrames(nn.Module):
+    """Parameter-free: the temporal grid index of every patch token, for per-frame conditioning.
+
+    A module (not a function) so that parallelism can shard its output like the tokens: sequence
+    parallelism hooks it exactly as it hooks ``rope`` (:mod:`vdit.train.parallel.sequence`).
+    """
+
+    def forward(self, grid: Sequence[int], device: torch.device | str | None = None) -> torch.Tensor:
+        """Args: grid ``(T', H', W')`` token grid. Returns int64 ``(L,)``: token ``l`` (in ``(t h w)``
+        order, the order of :class:`PatchEmbed3D`'s tokens) lies in temporal slice ``l // (H' W')``."""
+        t, h, w = (int(g) for g in grid)
+        return torch.arange(t, device=device).repeat_interleave(h * w)  # (L,)
+
+
+def per_frame_apply(fn: Callable[[torch.Tensor], torch.Tensor], c: torch.Tensor, per_frame: bool) -> torch.Tensor:
+    """``fn(c)`` for per-sample conditioning; for per-frame conditioning ``fn`` on each frame, stacked.
+
+    Per frame, ``c`` has a frame dim 1 that ``fn`` does not take: ``(B, F)`` times for the timestep
+    embedder, ``(B, F, D)`` embeddings for a modulation Linear. ``fn`` runs once per frame on
+    ``c[:, f]`` (the batch shape of the per-sample path) and the results are stacked on dim 1, giving
+    ``(B, F, ...)``: a matmul over ``B * F`` rows may round differently from one over ``B`` rows, and
+    equal per-frame times must give bit-identically the per-sample result. The ``F`` small launches
+    are negligible next to the blocks.
+    """
+    if not per_frame:
+        return fn(c)  # (B,) times or (B, D): the per-sample path
+    return torch.stack([fn(c[:, f].contiguous()) for f in range(c.shape[1])], dim=1)  # (B, F, ...)
+
+
+def per_sample_term(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample ``(B, D)`` term broadcast to ``like``'s layout: ``(B, 1, D)`` when ``like`` is per
+    frame ``(B, T', D)``, else unchanged."""
+    return v[:, None] if like.ndim == 3 else v

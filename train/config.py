@@ -118,12 +118,16 @@ class FlowConfig:
     ``t^2``, i.e. the MSE of the implied clean sample ``x_t - t v``: it stops the low-noise end,
     where the velocity error is the x0 error divided by ``t^2``, from drowning the high-noise end
     that decides layout and colour; see docs/training-recipe.md).
+    ``foreground_weight``: strength of :func:`vdit.model.flow.foreground_weights` (each element's
+    squared error times ``1 + foreground_weight * |x0 - temporal median of x0|``); 0 (default) is the
+    plain MSE. It trades colour fidelity for small moving objects (docs/training-recipe.md). It lets small moving objects count in the loss (docs/training-recipe.md).
     ``flow_shift``: timestep shift s in t' = s t / (1 + (s - 1) t); when ``shift_base_tokens`` is set
     the shift becomes resolution dependent, ``flow_shift * sqrt(num_tokens / shift_base_tokens)``.
     """
 
     timestep_sampling: str = "logit_normal"
     loss_weighting: str = "velocity"
+    foreground_weight: float = 0.0
     logit_mean: float = 0.0
     logit_std: float = 1.0
     flow_shift: float = 1.0
@@ -165,6 +169,11 @@ class LoopConfig:
     fresh run instead of ``init_weights(seed)``: model weights only (new optimizer and scheduler,
     EMA initialised from them, step 0); its ``model`` config must equal this run's. A checkpoint
     found by ``resume`` takes precedence.
+    ``cond_frames_prob``: probability that a training sample is a continuation sample: its first
+    ``k`` latent frames (``k`` uniform in ``1 .. max_cond_frames``, in multiples of the temporal
+    patch) are given clean at flow time 0 and left out of the loss (:mod:`vdit.train.conditioning`,
+    docs/continuation.md). 0 (default) trains text-to-video only. ``max_cond_frames`` must be smaller
+    than the clips' latent frames.
     """
 
     steps: int = 100
@@ -180,6 +189,8 @@ class LoopConfig:
     resume: str = "auto"
     device: str = "auto"
     init_from: Optional[str] = None
+    cond_frames_prob: float = 0.0
+    max_cond_frames: int = 0
 
 
 @dataclass
@@ -223,6 +234,13 @@ class EvalConfig:
     held-out clips (``data.val_fraction`` / ``data.val_shards``) at the fixed ``val_timesteps`` with
     one fixed noise draw per clip, logged as ``loss/val`` and ``loss/val@t=0.50``, plus the
     one-step clean-data error ``val/x0_mse@t=0.50`` (pixels or latents, MSE).
+
+    Continuation suite (:mod:`vdit.eval.continuation`, docs/continuation.md; for a model trained with
+    ``train.cond_frames_prob > 0``): ``continuation_clips`` held-out clips (needs
+    ``data.val_fraction`` or ``data.val_shards``) and ``continuation_scenes`` new procedural scenes
+    are continued from their first ``continuation_frames`` latent frames (a multiple of the temporal
+    patch, fewer than the clip's latent frames) and scored against the real continuation
+    (Physics-IQ IoUs and MSE) and, for the scenes, with the trajectory checks. 0 and 0: off.
     """
 
     enabled: bool = True
@@ -241,6 +259,9 @@ class EvalConfig:
     val_every: int = 0
     val_timesteps: list[float] = field(default_factory=lambda: [0.05, 0.25, 0.5, 0.75, 0.95])
     val_clips: int = 32
+    continuation_clips: int = 0
+    continuation_scenes: int = 0
+    continuation_frames: int = 1
 
 
 @dataclass
@@ -386,6 +407,7 @@ def validate(cfg: DictConfig | TrainConfig) -> TrainConfig:
                          "data (steps are counted from one clip shape): unset data.buckets")
     check_ranges(obj)
     check_buckets(obj)
+    check_conditioning(obj)
     return obj
 
 
@@ -422,6 +444,8 @@ _RANGES = {
     "train.log_every": (lambda v: v >= 1, ">= 1"),
     "train.checkpoint_every": (lambda v: v >= 1, ">= 1"),
     "train.keep_last_k": (lambda v: v >= 1, ">= 1"),
+    "train.cond_frames_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "train.max_cond_frames": (lambda v: v >= 0, ">= 0"),
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
     "text_encoder.cache_bytes": (lambda v: v >= 0, ">= 0"),
     "data.frame_stride": (lambda v: v >= 1, ">= 1"),
@@ -429,6 +453,7 @@ _RANGES = {
     "data.read_retries": (lambda v: v >= 0, ">= 0"),
     "data.read_backoff_s": (lambda v: v >= 0, ">= 0"),
     "data.read_timeout_s": (lambda v: v is None or v > 0, "> 0 or null"),
+    "flow.foreground_weight": (lambda v: v >= 0, ">= 0"),
     "model.depth": (lambda v: v >= 1, ">= 1"),
     "model.hidden_size": (lambda v: v >= 1, ">= 1"),
     "model.mlp_ratio": (lambda v: v > 0, "> 0"),
@@ -438,6 +463,8 @@ _RANGES = {
     "eval.every": (lambda v: v >= 0, ">= 0"),
     "eval.num_steps": (lambda v: v >= 1, ">= 1"),
     "eval.batch_size": (lambda v: v >= 1, ">= 1"),
+    "eval.continuation_clips": (lambda v: v >= 0, ">= 0"),
+    "eval.continuation_scenes": (lambda v: v >= 0, ">= 0"),
     "reliability.max_bad_steps": (lambda v: v >= 1, ">= 1"),
     "reliability.spike_factor": (lambda v: v == 0 or v > 1, "> 1, or 0 to disable"),
     "reliability.spike_beta": (lambda v: 0 <= v < 1, "in [0, 1)"),
@@ -486,6 +513,43 @@ def check_buckets(obj: Any) -> None:
         if t % pt or (b.height // cs) % ph or (b.width // cs) % pw:
             raise ValueError(f"{name}: its latent grid ({t}, {b.height // cs}, {b.width // cs}) is not divisible by "
                              f"model.patch_size={list(obj.model.patch_size)}")
+
+
+def latent_frames(obj: Any, num_frames: int) -> int:
+    """Latent frames of a ``num_frames``-frame clip under ``vae.name``'s temporal compression."""
+    ct, _, causal = VAE_COMPRESSION.get(obj.vae.name, (1, 1, False))
+    return 1 + (num_frames - 1) // ct if causal else num_frames // ct
+
+
+def check_conditioning(obj: Any) -> None:
+    """Frame conditioning (``train.cond_frames_prob`` > 0) needs ``1 <= train.max_cond_frames <``
+    the latent frames of every clip shape (``data.num_frames``, or each bucket's), and at least the
+    temporal patch; the continuation suite (``eval.continuation_clips`` / ``_scenes`` > 0) needs
+    ``eval.continuation_frames`` a multiple of the temporal patch below the sample's latent frames,
+    and held-out clips for ``eval.continuation_clips``.
+
+    Raises:
+        ValueError: naming ``train.max_cond_frames`` or ``eval.continuation_*`` and the bound.
+    """
+    loop, e, d = obj.train, obj.eval, obj.data
+    pt = obj.model.patch_size[0]
+    if e.continuation_clips > 0 or e.continuation_scenes > 0:
+        t = latent_frames(obj, d.num_frames)
+        k = e.continuation_frames
+        if not (1 <= k < t and k % pt == 0):
+            raise ValueError(f"eval.continuation_frames={k} must be >= 1, < {t} (the latent frames of "
+                             f"data.num_frames={d.num_frames}) and a multiple of model.patch_size[0]={pt}")
+        if e.continuation_clips > 0 and not (d.val_fraction > 0 or d.val_shards):
+            raise ValueError(f"eval.continuation_clips={e.continuation_clips} needs held-out clips: set "
+                             "data.val_fraction (e.g. 0.1) or data.val_shards")
+    if loop.cond_frames_prob <= 0:
+        return
+    shapes = [b.num_frames for b in d.buckets.buckets] or [d.num_frames]
+    frames = min(latent_frames(obj, n) for n in shapes)
+    if not pt <= loop.max_cond_frames < frames:
+        raise ValueError(f"train.max_cond_frames={loop.max_cond_frames} must be >= {pt} (model.patch_size[0]) and "
+                         f"< {frames}, the latent frames of the shortest clip (data.num_frames / buckets, "
+                         f"vae.name={obj.vae.name}), when train.cond_frames_prob={loop.cond_frames_prob} > 0")
 
 
 def load_config(overrides: list[str] | None = None, config_name: str = "train") -> DictConfig:

@@ -34,6 +34,7 @@ from vdit.train.build import (  # noqa: F401 - build_model is re-exported
     resolve_precision,
 )
 from vdit.train.checkpoint import CheckpointManager, GlobalDataState, ModelOptimizerState, ObjectState
+from vdit.train.conditioning import frame_conditioning
 from vdit.train.config import TrainConfig
 from vdit.train.ema import EMA
 from vdit.train.flops import PerfMeter, WorkCounter, peak_memory_bytes, training_flops
@@ -465,12 +466,17 @@ class Trainer:
             set_gradient_sync(self.model, i == len(micro_batches) - 1, self.defer_grad_sync)
             x0, text, text_mask, t, noise = self.prepare_inputs(batch)
             t, noise = t.to(self.device), noise.to(self.device)
-            xt = flow.interpolate(x0, noise, t)  # (B, C, T', H', W')
+            cond = frame_conditioning(self.cfg, self.step, batch["key"], x0.shape[2])  # None: text-to-video only
+            xt = flow.interpolate(x0, noise, t if cond is None else cond.path_t(t))  # (B, C, T', H', W')
             target = flow.velocity_target(x0, noise)
             with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-                pred = self.model(xt, t, text, text_mask)  # (B, C, T', H', W')
+                pred = self.model(xt, t if cond is None else cond.model_t(t), text, text_mask)  # (B, C, T', H', W')
             weight = t.square() if self.cfg.flow.loss_weighting == "x0" else None  # (B,): MSE of x_t - t v
-            per_sample, _ = flow.flow_loss(pred.float(), target, weight)  # (B,) mean over each sample's elements
+            fg = self.cfg.flow.foreground_weight
+            element_weight = flow.foreground_weights(x0, fg) if fg > 0 else None  # (B, 1, T', H', W')
+            if cond is not None:  # conditioning frames: out of the loss
+                element_weight = cond.loss_weight(element_weight)  # (B, 1, T', H' or 1, W' or 1)
+            per_sample, _ = flow.flow_loss(pred.float(), target, weight, element_weight)  # (B,) mean over elements
             # Token-weighted mean over the whole step on every data-parallel rank: each rank adds
             # (its tokens' squared error) / (global tokens); the data-parallel gradient average is
             # undone by the factor dp_size, so unequal bucket shapes across ranks weigh correctly.

@@ -21,6 +21,10 @@ How it attaches (DESIGN.md 3.1: hooks and core replacement only, never a copied 
     patch_embed  forward hook: pad ``L`` with zero tokens up to a multiple of ``sp``, keep this
                  rank's contiguous chunk of ``L_pad / sp`` tokens.
     rope         forward hook: pad/shard ``cos`` and ``sin`` identically (positions match tokens).
+    token_frames forward hook (per-frame timesteps only): pad/shard the per-token frame index ``(L,)``
+                 identically, so each local token takes the adaLN modulation of its own latent frame,
+                 wherever the frame boundaries fall between ranks (conditioning frames may live on
+                 any rank). Padded tokens take frame 0's modulation; their outputs are dropped.
     block.attn   ``core`` replaced by an SP wrapper. Padded *keys* are excluded (sliced off or masked),
                  so pad tokens never change a real token's output; padded *queries* compute junk that
                  is dropped at the end.
@@ -467,6 +471,13 @@ class SequenceParallelHandle:
                                f"{None if layout is None else layout.real_len} tokens")
         return tuple(_pad_and_shard(t, 0, layout.padded_len, self.sp_rank, self.sp_size) for t in (cos, sin))
 
+    def _split_token_frames(self, module, args, out: torch.Tensor) -> torch.Tensor:
+        layout = self._layout  # out: (L,) int64 frame index per token
+        if layout is None or out.shape[0] != layout.real_len:
+            raise RuntimeError(f"token_frames produced {out.shape[0]} positions but patch_embed produced "
+                               f"{None if layout is None else layout.real_len} tokens")
+        return _pad_and_shard(out, 0, layout.padded_len, self.sp_rank, self.sp_size)  # (L_pad/sp,)
+
     def _gather_tokens(self, module, args, out: torch.Tensor) -> torch.Tensor:
         return _GatherSequence.apply(out, self.sp_group, self._layout.real_len)  # (B, L, P)
 
@@ -491,7 +502,8 @@ def apply_sequence_parallel(
     """Make ``model`` (a :class:`~vdit.model.dit.VideoDiT`) sequence-parallel over ``sp_group``.
 
     Args:
-        model: needs ``patch_embed``, ``rope``, ``final_layer`` and ``blocks[i].attn``.
+        model: needs ``patch_embed``, ``rope``, ``final_layer`` and ``blocks[i].attn`` (and
+            ``token_frames`` when it has one: per-frame timesteps).
         sp_group: the ranks sharing one sample's sequence (same inputs on all of them).
         mode: ``ulysses`` | ``ring`` | ``hybrid``.
         ulysses_group, ring_group: hybrid only (required there): the sub-groups of ``sp_group``
@@ -543,6 +555,8 @@ def apply_sequence_parallel(
         model.rope.register_forward_hook(handle._split_rope),
         model.final_layer.register_forward_hook(handle._gather_tokens),
     ]
+    if hasattr(model, "token_frames"):
+        handle._hooks.append(model.token_frames.register_forward_hook(handle._split_token_frames))
     for attn in attns:
         handle._cores.append((attn, attn.core))
         attn.core = SequenceParallelCore(handle, attn.core)
