@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import write_shards
-from vdit.train.config import load_config, validate
+from tests.test_train import tiny_cfg as train_cfg
 from vdit.train.export import export, load_checkpoint_weights, load_exported
 from vdit.train.export import main as export_main
 from vdit.train.logging import read_metrics
@@ -21,12 +21,9 @@ WAN_STYLE = ["model.modulation=shared", "model.qk_norm_scope=across_heads", "mod
 
 
 def tiny_cfg(shards, run_dir, *extra):
-    return validate(load_config([
-        f"data.shards={shards}", f"run_dir={run_dir}", "text_encoder.name=random", "text_encoder.hidden_size=32",
-        "text_encoder.max_length=8", "data.num_frames=4", "data.height=32", "data.width=32", "data.target_fps=null",
-        "data.frame_stride=2", "data.batch_size=2", "model.hidden_size=32", "model.depth=2", "model.num_heads=2",
-        "model.patch_size=[1,8,8]", "train.steps=4", "train.checkpoint_every=2", "train.log_every=1",
-        "optim.warmup_steps=0", "optim.lr=1e-2", "wandb.mode=disabled", "eval.enabled=false", *WAN_STYLE, *extra]))
+    """The trainer tests' tiny run (tests/test_train.py), 4 steps, in Wan's architecture options."""
+    return train_cfg(shards, run_dir, "train.steps=4", "train.log_every=1", "optim.warmup_steps=0", "optim.lr=1e-2",
+                     *WAN_STYLE, *extra)
 
 
 @pytest.fixture(scope="module")
