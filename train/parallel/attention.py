@@ -25,12 +25,13 @@ Apply to a model from the outside (DESIGN.md 3.1)::
     from vdit.train.parallel.attention import apply_attention_backend
     name = apply_attention_backend(model, "auto", device, dtype)   # before apply_sequence_parallel
 
-:func:`attention_with_lse` returns the per-row log-sum-exp next to the output; ring attention
-(``sequence.py``) merges partial results over key blocks with it.
+:func:`attention_with_lse` returns the per-row log-sum-exp next to the output; ring attention's
+CPU/fp32 block kernel (``ring.py``) is built on it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -193,9 +194,10 @@ def attention_with_lse(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention that also returns the log-sum-exp of each score row.
 
-    Plain torch, computed in fp32 (materialises the ``(B, H, Lq, Lk)`` scores: intended for one ring
-    block at a time). A row whose keys are all masked gets ``out = 0`` and ``lse = -inf``, which is
-    exactly the neutral element of the log-sum-exp merge ring attention does.
+    Plain torch, computed in fp32 outside autocast (materialises the ``(B, H, Lq, Lk)`` scores:
+    intended for one chunk of a ring block at a time). A row whose keys are all masked gets
+    ``out = 0`` and ``lse = -inf``, which is exactly the neutral element of the log-sum-exp merge
+    ring attention does.
 
     Args:
         q: ``(B, Lq, H, D)``; k, v: ``(B, Lk, H, D)``.
@@ -217,13 +219,25 @@ def _attention_with_lse_fp32(
     key_mask: torch.Tensor | None = None,
     scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`attention_with_lse` with the output left in fp32 (ring attention accumulates in fp32)."""
+    """:func:`attention_with_lse` with the output left in fp32 (ring attention accumulates in fp32).
+
+    Autocast is switched off around the math: under bf16 autocast ``einsum`` would run in bf16 and
+    leave the scores, P.V and the LSE in bf16 despite the fp32 inputs.
+    """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale  # (B, H, Lq, Lk)
-    if key_mask is not None:
-        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))  # (B, H, Lq, Lk)
-    lse = torch.logsumexp(scores, dim=-1)  # (B, H, Lq); -inf for fully masked rows
-    lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # (B, H, Lq)
-    probs = torch.exp(scores - lse_safe[..., None])  # (B, H, Lq, Lk); 0 at masked keys
-    out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float())  # (B, Lq, H, D)
+    with _no_autocast(q.device):
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale  # (B, H, Lq, Lk)
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))  # (B, H, Lq, Lk)
+        lse = torch.logsumexp(scores, dim=-1)  # (B, H, Lq); -inf for fully masked rows
+        lse_safe = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))  # (B, H, Lq)
+        probs = torch.exp(scores - lse_safe[..., None])  # (B, H, Lq, Lk); 0 at masked keys
+        out = torch.einsum("bhqk,bkhd->bqhd", probs, v.float())  # (B, Lq, H, D)
     return out, lse
+
+
+def _no_autocast(device: torch.device):
+    """A context with autocast disabled on ``device`` (a no-op context where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()

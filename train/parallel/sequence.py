@@ -11,7 +11,8 @@ self-attention exchanges data so that each query still sees every key. Three mod
     ring     Ring attention (Liu et al. 2023): K/V blocks travel around the group while each rank
              merges partial attention over them with an online log-sum-exp; no rank ever holds more
              than two K/V blocks. No head constraint. ``sp-1`` K/V passes forward; backward passes
-             K/V ``sp-1`` times and the dK/dV accumulators ``sp`` times (fp32).
+             K/V ``sp-1`` times and the dK/dV accumulators ``sp`` times (fp32). Lives in ``ring.py``
+             (block kernels with an fp32 LSE: flash-attn / PyTorch flash on CUDA, fp32 math on CPU).
     hybrid   USP (Fang & Zhao 2024): Ulysses inside groups of ``ulysses_size`` consecutive ranks,
              ring across ``ring_size`` such groups (``ulysses_size * ring_size == sp``). Only
              ``num_heads % ulysses_size == 0`` is needed.
@@ -76,8 +77,6 @@ Typical use::
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -88,7 +87,8 @@ from torch.distributed import ProcessGroup
 
 from vdit.model.attention import Attention
 
-from .attention import _attention_with_lse_fp32
+from .comm import COMM_STATS, CommStats, _AllToAll, _nbytes
+from .ring import _flash_attn2, _KeyLayout, ring_attention
 
 __all__ = [
     "MODES",
@@ -108,62 +108,8 @@ MODES = ("ulysses", "ring", "hybrid")
 
 
 # --------------------------------------------------------------------------------------------
-# communication, with byte counting
+# Ulysses (ring attention, also used inside hybrid, lives in ring.py)
 # --------------------------------------------------------------------------------------------
-
-
-class CommStats:
-    """Bytes *sent by this rank* per ``(kind, phase)``; ``kind`` in all_to_all / p2p / all_gather,
-    ``phase`` in fwd / bwd. An all-to-all of ``n`` bytes over ``g`` ranks sends ``n (g-1)/g``; an
-    all-gather of a local ``n``-byte chunk sends ``n (g-1)`` (ring algorithm); a P2P send sends ``n``."""
-
-    def __init__(self) -> None:
-        self.bytes: dict[tuple[str, str], float] = defaultdict(float)
-        self.calls: dict[tuple[str, str], int] = defaultdict(int)
-
-    def add(self, kind: str, phase: str, nbytes: float) -> None:
-        self.bytes[(kind, phase)] += nbytes
-        self.calls[(kind, phase)] += 1
-
-    def reset(self) -> None:
-        self.bytes.clear()
-        self.calls.clear()
-
-    def total(self, kind: str | None = None, phase: str | None = None) -> float:
-        return sum(b for (k, p), b in self.bytes.items() if kind in (None, k) and phase in (None, p))
-
-
-COMM_STATS = CommStats()
-
-
-def _nbytes(x: torch.Tensor) -> int:
-    return x.numel() * x.element_size()
-
-
-def _all_to_all_dim0(x: torch.Tensor, group: ProcessGroup, phase: str) -> torch.Tensor:
-    """Chunk ``i`` of dim 0 goes to group rank ``i``; chunk ``i`` of the result came from rank ``i``."""
-    n = dist.get_world_size(group)
-    x = x.contiguous()
-    if n == 1:
-        return x
-    out = torch.empty_like(x)
-    dist.all_to_all_single(out, x, group=group)
-    COMM_STATS.add("all_to_all", phase, _nbytes(x) * (n - 1) / n)
-    return out
-
-
-class _AllToAll(torch.autograd.Function):
-    """Differentiable all-to-all over dim 0. The exchange is its own inverse (rank i's chunk j goes
-    to rank j's slot i and back), so the backward is the same all-to-all of the gradient."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
-        ctx.group = group
-        return _all_to_all_dim0(x, group, "fwd")
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return _all_to_all_dim0(grad, ctx.group, "bwd"), None
 
 
 def _seq_to_head(qkv: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
@@ -187,143 +133,6 @@ def _head_to_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     x = x.reshape(b, n, ls, hn, d).permute(1, 0, 2, 3, 4)  # (n, B, Ls, H/n, D): dim 0 = destination chunk
     y = _AllToAll.apply(x, group)  # (n, B, Ls, H/n, D): dim 0 = source = head group
     return y.permute(1, 2, 0, 3, 4).reshape(b, ls, n * hn, d)  # (B, Ls, H, D)
-
-
-def _ring_exchange(send: torch.Tensor, group: ProcessGroup, phase: str, tag: int) -> tuple[torch.Tensor, list]:
-    """Post ``send -> next rank`` and ``recv <- previous rank`` in the ring; returns (buffer, works)."""
-    n, r = dist.get_world_size(group), dist.get_rank(group)
-    recv = torch.empty_like(send)
-    ops = [
-        dist.P2POp(dist.isend, send, dist.get_global_rank(group, (r + 1) % n), group, tag),
-        dist.P2POp(dist.irecv, recv, dist.get_global_rank(group, (r - 1) % n), group, tag),
-    ]
-    works = dist.batch_isend_irecv(ops)
-    COMM_STATS.add("p2p", phase, _nbytes(send))
-    return recv, works
-
-
-def _wait(works: list) -> None:
-    for w in works:
-        w.wait()
-
-
-# --------------------------------------------------------------------------------------------
-# key layout shared by the wrappers of one forward
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _KeyLayout:
-    """Which keys of the padded global sequence ``[0, padded_len)`` are real.
-
-    ``real_len``: keys ``>= real_len`` are padding (always excluded). ``mask``: optional bool
-    ``(B, padded_len)`` from a caller-supplied key mask, True = keep (already includes the padding).
-    """
-
-    real_len: int
-    padded_len: int
-    mask: torch.Tensor | None = None
-
-    def block(self, start: int, length: int) -> tuple[int, torch.Tensor | None]:
-        """Number of non-pad keys in ``[start, start+length)`` and their mask (``None`` = all kept)."""
-        n = max(0, min(length, self.real_len - start))
-        return n, None if self.mask is None else self.mask[:, start : start + n]
-
-
-# --------------------------------------------------------------------------------------------
-# ring attention
-# --------------------------------------------------------------------------------------------
-
-
-def _merge(out: torch.Tensor, lse: torch.Tensor, blk_out: torch.Tensor, blk_lse: torch.Tensor):
-    """Log-sum-exp merge of two partial softmax results; ``lse = -inf`` is the neutral element.
-
-    out/blk_out ``(B, L, H, D)`` fp32, lse/blk_lse ``(B, H, L)`` fp32.
-    """
-    new = torch.logaddexp(lse, blk_lse)  # (B, H, L)
-    safe = torch.where(torch.isfinite(new), new, torch.zeros_like(new))  # (B, H, L)
-    w_old = torch.exp(lse - safe).transpose(1, 2)[..., None]  # (B, L, H, 1)
-    w_blk = torch.exp(blk_lse - safe).transpose(1, 2)[..., None]  # (B, L, H, 1)
-    return out * w_old + blk_out * w_blk, new
-
-
-class _RingAttention(torch.autograd.Function):
-    """Ring attention over the segments held by the ranks of ``group``.
-
-    Rank ``r`` holds segment ``r`` = global keys/queries ``[r*S, (r+1)*S)`` (``S`` = local length).
-    Forward: at step ``s`` rank ``r`` attends to K/V block ``(r - s) mod R`` and merges by LSE while
-    the block moves on to ``r+1``. Backward (FlashAttention-2's backward, blockwise): recompute each
-    block's probabilities ``P = exp(scale q.k - lse)`` from the saved q and the final lse; dQ is
-    accumulated locally, dK/dV accumulators travel around the ring with their K/V block and reach
-    their owner after ``R`` hops. No autograd through the P2P calls.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, group: ProcessGroup, layout: _KeyLayout, scale: float):
-        n, r = dist.get_world_size(group), dist.get_rank(group)
-        b, s, h, d = q.shape
-        out = torch.zeros(b, s, h, d, dtype=torch.float32, device=q.device)  # (B, S, H, D)
-        lse = torch.full((b, h, s), float("-inf"), dtype=torch.float32, device=q.device)  # (B, H, S)
-        kv = torch.stack([k, v])  # (2, B, S, H, D): the block in hand
-        for step in range(n):
-            works = []
-            if step < n - 1:
-                nxt, works = _ring_exchange(kv, group, "fwd", tag=0)  # overlaps with this block's math
-            j = (r - step) % n
-            nk, mask = layout.block(j * s, s)
-            if nk > 0:  # a block of pure padding contributes nothing
-                blk_out, blk_lse = _attention_with_lse_fp32(q, kv[0, :, :nk], kv[1, :, :nk], mask, scale)
-                out, lse = _merge(out, lse, blk_out, blk_lse)
-            if works:
-                _wait(works)
-                kv = nxt
-        out = out.to(q.dtype)  # (B, S, H, D)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.group, ctx.layout, ctx.scale = group, layout, scale
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        q, k, v, out, lse = ctx.saved_tensors
-        group, layout, scale = ctx.group, ctx.layout, ctx.scale
-        n, r = dist.get_world_size(group), dist.get_rank(group)
-        s = q.shape[1]
-        qf, dof = q.float(), dout.float()  # (B, S, H, D)
-        delta = (dof * out.float()).sum(-1).transpose(1, 2)  # (B, H, S): rowsum(dO * O)
-        lse_safe = torch.where(torch.isfinite(lse), lse, torch.full_like(lse, float("inf")))  # rows without keys -> P = 0
-        dq = torch.zeros_like(qf)  # (B, S, H, D)
-        kv = torch.stack([k, v])  # (2, B, S, H, D)
-        dkv = torch.zeros(kv.shape, dtype=torch.float32, device=q.device)  # (2, B, S, H, D) for the block in hand
-        for step in range(n):
-            kv_works = []
-            if step < n - 1:
-                kv_next, kv_works = _ring_exchange(kv, group, "bwd", tag=0)
-            j = (r - step) % n
-            nk, mask = layout.block(j * s, s)
-            if nk > 0:
-                kb, vb = kv[0, :, :nk].float(), kv[1, :, :nk].float()  # (B, nk, H, D)
-                scores = torch.einsum("bqhd,bkhd->bhqk", qf, kb) * scale  # (B, H, S, nk)
-                if mask is not None:
-                    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-                p = torch.exp(scores - lse_safe[..., None])  # (B, H, S, nk)
-                dkv[1, :, :nk] += torch.einsum("bhqk,bqhd->bkhd", p, dof)  # dV (B, nk, H, D)
-                dp = torch.einsum("bqhd,bkhd->bhqk", dof, vb)  # (B, H, S, nk)
-                ds = p * (dp - delta[..., None])  # (B, H, S, nk)
-                dq += torch.einsum("bhqk,bkhd->bqhd", ds, kb) * scale  # (B, S, H, D)
-                dkv[0, :, :nk] += torch.einsum("bhqk,bqhd->bkhd", ds, qf) * scale  # dK (B, nk, H, D)
-            if n > 1:  # the accumulator follows its block; after n hops it is home
-                dkv_next, dkv_works = _ring_exchange(dkv, group, "bwd", tag=1)
-                _wait(kv_works + dkv_works)
-                dkv = dkv_next
-                if kv_works:
-                    kv = kv_next
-        return dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype), None, None, None
-
-
-def ring_attention(q, k, v, group: ProcessGroup, layout: _KeyLayout, scale: float | None = None) -> torch.Tensor:
-    """Ring attention of local segments ``(B, S, H, D)`` -> ``(B, S, H, D)`` (see :class:`_RingAttention`)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return _RingAttention.apply(q, k, v, group, layout, scale)
 
 
 def ulysses_attention(q, k, v, group: ProcessGroup, layout: _KeyLayout, inner, ring_group=None) -> torch.Tensor:
@@ -397,8 +206,8 @@ class SequenceParallelCore:
 
     Attributes:
         inner: the single-device kernel Ulysses runs on its head shard (the core it replaced; set by
-            :func:`~vdit.train.parallel.attention.apply_attention_backend`). Ring blocks always use
-            the fp32 :func:`~vdit.train.parallel.attention.attention_with_lse` primitive.
+            :func:`~vdit.train.parallel.attention.apply_attention_backend`). Ring blocks pick their own
+            kernel, one that returns an fp32 log-sum-exp (:func:`~vdit.train.parallel.ring.select_block_kernel`).
     """
 
     def __init__(self, handle: SequenceParallelHandle, inner):
@@ -549,6 +358,8 @@ def apply_sequence_parallel(
                 "use mode='ring' (no head constraint) or mode='hybrid' with a ulysses_size that divides "
                 "the heads"
             )
+    if ring_group is not None:
+        _flash_attn2()  # resolve ring attention's flash-attn kernel now, not inside a (compiled) forward
     handle = SequenceParallelHandle(model, sp_group, mode, ulysses_group, ring_group)
     handle._hooks += [
         model.patch_embed.register_forward_hook(handle._split_tokens),
