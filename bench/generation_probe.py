@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--clips", type=int, default=8, help="training clips for the one-step errors")
     ap.add_argument("--samplers", default=None,
-                    help="comma list of solver:steps:cfg_scale:flow_shift (default: the run's eval config)")
+                    help="comma list of solver:steps:cfg_scale:flow_shift[:lo-hi] (lo-hi: cfg_interval; default: the run's eval config)")
     args = ap.parse_args(argv)
     cfg, model, text_encoder, vae, step, dev = load_run(args.run_dir)
     model.eval()
@@ -72,9 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     prompts, params, kinds = eval_prompts(cfg)
     report["samplers"] = {}
     for spec in samplers.split(","):
-        solver, steps, cfg_scale, shift = spec.split(":")
+        solver, steps, cfg_scale, shift, *interval = spec.split(":")
+        cfg_interval = tuple(float(x) for x in interval[0].split("-")) if interval else (0.0, 1.0)
         videos = generate(model, encode_text, vae, prompts, d.num_frames, d.height, d.width, int(steps),
-                          float(cfg_scale), float(shift), e.seed, dev, solver=solver)
+                          float(cfg_scale), float(shift), e.seed, dev, solver=solver, cfg_interval=cfg_interval)
         write_samples(os.path.join(args.run_dir, "probe", spec.replace(":", "_")), videos, prompts,
                       d.target_fps or 8.0)
         metrics = score_videos([to_uint8_video(v) for v in videos], params, d.target_fps, metrics=[], kinds=kinds)["metrics"]

@@ -36,7 +36,7 @@ import json
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import cv2
 import numpy as np
@@ -513,12 +513,16 @@ def _distinct(a: tuple[int, int, int], b: tuple[int, int, int], min_channel: int
     return int(d.max()) >= min_channel and float(np.linalg.norm(d)) >= 120.0
 
 
+DEFAULT_RADIUS_FRAC = (0.045, 0.11)
+
+
 def random_scene(rng: np.random.Generator, height: int = 64, width: int = 64, num_frames: int = 48,
-                 fps: float = 24.0) -> SceneParams:
+                 fps: float = 24.0, radius_frac: Sequence[float] = DEFAULT_RADIUS_FRAC) -> SceneParams:
     """A random but plausible scene: type drop / throw / bounce, 1-2 balls.
 
     Gravity is 150-400 px/s^2 per 64 px of height (a ball falls the frame height in ~0.6-0.9 s),
-    radius 4.5-11 % of min(height, width) but at least 2.5 px (2.5-3.5 px at 32x32), floor band
+    radius ``radius_frac`` (default 4.5-11 %) of min(height, width) but at least 2.5 px (2.5-3.5 px
+    at 32x32 by default), floor band
     8-16 % of the height, restitution 0.5-0.9 (0.75-0.9 for 'bounce'), friction 0-0.3. Colors are drawn so that balls, floor and background
     are pairwise distinct. Scenes are re-drawn until every ball stays fully inside the frame,
     balls never overlap, drops bounce at least once and 'bounce' scenes at least twice.
@@ -526,10 +530,15 @@ def random_scene(rng: np.random.Generator, height: int = 64, width: int = 64, nu
     Args:
         rng: numpy Generator; the result is a pure function of its state.
         height, width: pixels. num_frames: T. fps: frames per second.
+        radius_frac: ``(lo, hi)`` ball radius range as fractions of min(height, width).
 
     Raises:
+        ValueError: ``radius_frac`` not ``0 < lo <= hi < 0.5``.
         RuntimeError: no valid scene found in 500 draws (only for degenerate sizes).
     """
+    r_lo, r_hi = (float(x) for x in radius_frac)
+    if not 0.0 < r_lo <= r_hi < 0.5:
+        raise ValueError(f"radius_frac must be (lo, hi) with 0 < lo <= hi < 0.5; got {tuple(radius_frac)}")
     H, W = int(height), int(width)
     s = H / 64.0
     duration = (num_frames - 1) / fps
@@ -554,7 +563,7 @@ def random_scene(rng: np.random.Generator, height: int = 64, width: int = 64, nu
                 break
             color = usable[int(rng.integers(len(usable)))]
             # At least 2.5 px: below that, mp4 chroma subsampling (2x2) smears the ball's color.
-            r = float(rng.uniform(max(0.045 * min(H, W), 2.5), max(0.11 * min(H, W), 3.5)))
+            r = float(rng.uniform(max(r_lo * min(H, W), 2.5), max(r_hi * min(H, W), 3.5)))
             y_top, y_contact = r - 0.5, floor_line - r  # centre range that keeps the ball in frame
             x_lo, x_hi = r - 0.5, W - 0.5 - r
             if y_contact - y_top < 4 or x_hi - x_lo < 4:
@@ -608,21 +617,23 @@ def _acceptable(params: SceneParams, sim: dict) -> bool:
 
 
 def make_clip(seed: int, height: int = 64, width: int = 64, num_frames: int = 48,
-              fps: float = 24.0) -> tuple[np.ndarray, str, dict]:
-    """One random clip, fully determined by ``seed``.
+              fps: float = 24.0, radius_frac: Sequence[float] = DEFAULT_RADIUS_FRAC) -> tuple[np.ndarray, str, dict]:
+    """One random clip, fully determined by ``seed`` (and ``radius_frac``, see :func:`random_scene`).
 
     Returns:
         ``(frames, caption, meta)``: frames uint8 (num_frames, height, width, 3) RGB; the caption;
         meta ``{"synthetic": SceneParams.to_json(), "seed": seed}`` (JSON-serialisable).
     """
-    params = random_scene(np.random.default_rng(seed), height, width, num_frames, fps)
+    params = random_scene(np.random.default_rng(seed), height, width, num_frames, fps, radius_frac)
     sim = simulate(params)
     return render(params, sim), caption(params, sim), {"synthetic": params.to_json(), "seed": int(seed)}
 
 
 def write_synthetic_dataset(out_dir: str | os.PathLike, num_clips: int, seed: int = 0, height: int = 64,
-                            width: int = 64, num_frames: int = 48, fps: float = 24.0) -> list[dict]:
+                            width: int = 64, num_frames: int = 48, fps: float = 24.0,
+                            radius_frac: Sequence[float] = DEFAULT_RADIUS_FRAC) -> list[dict]:
     """Write ``num_clips`` random clips as ``{out_dir}/synthetic_{i:05d}.mp4`` plus ``manifest.jsonl``.
+    ``radius_frac``: the balls' radius range (:func:`random_scene`).
 
     Clip ``i`` uses the seed ``SeedSequence([seed, i]).generate_state(1)[0]``, so clips are
     independent and the dataset is a pure function of ``seed``. ``manifest.jsonl`` holds one line
@@ -644,7 +655,7 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_clips: int, seed: in
     with open(os.path.join(out_dir, "manifest.jsonl"), "w", encoding="utf-8") as manifest:
         for i in range(num_clips):
             clip_seed = int(np.random.SeedSequence([int(seed), i]).generate_state(1)[0])
-            frames, text, meta = make_clip(clip_seed, height, width, num_frames, fps)
+            frames, text, meta = make_clip(clip_seed, height, width, num_frames, fps, radius_frac)
             name = f"synthetic_{i:05d}.mp4"
             path = write_mp4(os.path.join(out_dir, name), frames, fps)
             rows.append({"path": os.path.abspath(path), "caption": text, "meta": meta})

@@ -105,7 +105,7 @@ def continuation_cases(cfg, vae) -> list[ContinuationCase]:
             cases.append(ContinuationCase(c["caption"], np.ascontiguousarray(video), None, HELDOUT, c["key"]))
     fps = d.target_fps or 8.0
     for i, (text, params) in enumerate(physics_prompts(e.continuation_scenes, e.physics_seed + 1, d.num_frames,
-                                                       d.height, d.width, fps)):
+                                                       d.height, d.width, fps, radius_frac=e.physics_radius_frac)):
         cases.append(ContinuationCase(text, render(params), params, PROCEDURAL, f"scene-{i}"))
     return cases
 
@@ -148,7 +148,7 @@ def continue_share(cfg, model: torch.nn.Module, encode_text: TextFn, vae, cases:
         x0 = sample_latents(model, encode_text, latent, [cases[i].prompt if i is not None else "" for i in chunk],
                             e.num_steps, e.cfg_scale, e.flow_shift, e.seed, device, e.solver,
                             indices=[_NOISE_OFFSET + (i if i is not None else len(cases)) for i in chunk],
-                            dtype=dtype, cond_latents=cond)  # (b, C, T', H', W')
+                            dtype=dtype, cond_latents=cond, cfg_interval=e.cfg_interval)  # (b, C, T', H', W')
         real = [j for j, i in enumerate(chunk) if i is not None]
         if ranks.sp_rank != 0 or not real:
             continue

@@ -18,14 +18,14 @@ import logging
 import os
 import re
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from vdit.data.shards import expand_shards, read_shard
 from vdit.data.split import in_split, source_id
-from vdit.data.synthetic import SceneParams, caption, random_scene
+from vdit.data.synthetic import DEFAULT_RADIUS_FRAC, SceneParams, caption, random_scene
 from vdit.data.transforms import to_uint8_video
 from vdit.data.video_io import write_mp4
 from vdit.eval.fidelity import rescale_scene, scene_fidelity, summarize_fidelity
@@ -71,7 +71,8 @@ def training_scenes(shards: str, val_fraction: float = 0.0, max_shards: int = 64
 
 
 def physics_prompts(num: int, seed: int, num_frames: int, height: int, width: int,
-                    fps: float, avoid: set[tuple] | None = None) -> list[tuple[str, SceneParams]]:
+                    fps: float, avoid: set[tuple] | None = None,
+                    radius_frac: Sequence[float] = DEFAULT_RADIUS_FRAC) -> list[tuple[str, SceneParams]]:
     """``num`` procedural scenes sized like the training clips: ``(caption, params)`` pairs.
 
     The parameters are drawn by the synthetic renderer at the sample's resolution, frame count
@@ -79,12 +80,14 @@ def physics_prompts(num: int, seed: int, num_frames: int, height: int, width: in
     video with the physics the caption describes. Scenes whose colour combination (background,
     floor, ball colours) is in ``avoid`` are re-drawn (up to 200 times each), so prompts built with
     the training set's combinations in ``avoid`` test generalisation to new combinations.
+    ``radius_frac``: the balls' radius range (:func:`vdit.data.synthetic.random_scene`), which should
+    match the training clips' (``eval.physics_radius_frac``).
     """
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(num):
         for _attempt in range(200):
-            params = random_scene(rng, height, width, num_frames, fps)
+            params = random_scene(rng, height, width, num_frames, fps, radius_frac)
             if not avoid or _combo(params) not in avoid:
                 break
         out.append((caption(params), params))
@@ -114,7 +117,7 @@ def eval_prompts(cfg) -> tuple[list[str], list[SceneParams | None], list[str | N
             params.append(rescale_scene(p, d.height, d.width, d.num_frames, fps))
             kinds.append(TRAIN_CAPTIONS)
     for text, p in physics_prompts(e.num_physics_prompts, e.physics_seed, d.num_frames, d.height, d.width, fps,
-                                   avoid={_combo(q) for _, q in seen}):
+                                   avoid={_combo(q) for _, q in seen}, radius_frac=e.physics_radius_frac):
         prompts.append(text)
         params.append(p)
         kinds.append(NEW_SCENES)
@@ -311,6 +314,7 @@ def finish_evaluation(cfg, step: int, run_dir: str, prompts: list[str], params: 
                    for p, en, s in zip(prompts, entries, scores["per_video"])],
         "contact_sheet": os.path.relpath(sheet, run_dir),
         "sampler": {"num_steps": e.num_steps, "solver": e.solver, "cfg_scale": e.cfg_scale, "flow_shift": e.flow_shift,
+                    "cfg_interval": list(e.cfg_interval),
                     "seed": e.seed, "weights": "ema" if e.use_ema else "raw", "batch_size": e.batch_size},
     }
     result.update(extra or {})

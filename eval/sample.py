@@ -57,7 +57,8 @@ def sample_latents(model: torch.nn.Module, encode_text: TextFn, latent_shape: Se
                    num_steps: int = 20, cfg_scale: float = 1.0, flow_shift: float = 1.0, seed: int = 0,
                    device: torch.device | str = "cpu", solver: str = "euler", indices: Sequence[int] | None = None,
                    dtype: torch.dtype = torch.float32, callback: Callable | None = None,
-                   cond_latents: torch.Tensor | None = None) -> torch.Tensor:
+                   cond_latents: torch.Tensor | None = None,
+                   cfg_interval: Sequence[float] = (0.0, 1.0)) -> torch.Tensor:
     """Sample one latent per prompt with the flow ODE (see :func:`generate`); no decoding.
 
     Args:
@@ -70,12 +71,16 @@ def sample_latents(model: torch.nn.Module, encode_text: TextFn, latent_shape: Se
             (continuation). They are held fixed: the model sees them clean at time 0 (per-frame
             ``t`` of shape ``(B, T')``), their velocity is set to 0 so the solver never moves them,
             and the result holds them exactly (bit for bit). None: plain text-to-video, ``t (B,)``.
+        cfg_interval: ``(lo, hi)``, flow times at which guidance is applied (``lo <= t <= hi``); at
+            other steps only the conditional pass runs (Kynkaanniemi et al. 2024, "Applying guidance
+            in a limited interval", arXiv 2404.07724). Default ``(0, 1)``: every step.
 
     Returns:
         float32 ``(B, C, T', H', W')`` on ``device``.
 
     Raises:
-        ValueError: a wrong number of ``indices``, or ``cond_latents`` not ``(B, C, k, H', W')`` with
+        ValueError: a wrong number of ``indices``, a ``cfg_interval`` that is not ``0 <= lo <= hi <= 1``,
+            or ``cond_latents`` not ``(B, C, k, H', W')`` with
             ``1 <= k < T'`` and ``k`` a multiple of the model's temporal patch.
     """
     model.eval()
@@ -99,6 +104,9 @@ def sample_latents(model: torch.nn.Module, encode_text: TextFn, latent_shape: Se
         noise[:, :, :k] = cond_latents  # the given frames start (and stay) clean
     given = torch.arange(latent_shape[1], device=device) < k  # (T',) True = a conditioning frame
     text, mask = encode_text(prompts)  # (B, L, D), (B, L)
+    lo, hi = (float(c) for c in cfg_interval)
+    if not 0.0 <= lo <= hi <= 1.0:
+        raise ValueError(f"cfg_interval must be (lo, hi) with 0 <= lo <= hi <= 1; got {tuple(cfg_interval)}")
     use_cfg = cfg_scale != 1.0
     if use_cfg:
         null_text, null_mask = encode_text([""] * B)
@@ -109,8 +117,8 @@ def sample_latents(model: torch.nn.Module, encode_text: TextFn, latent_shape: Se
         if k:  # per-frame times: 0 on the given frames
             t = torch.where(given, torch.zeros_like(t)[:, None], t[:, None])  # (B, T')
         with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
-            if not use_cfg:
-                v = model(x, t, text, mask).float()  # (B, C, T', H', W')
+            if not use_cfg or not lo <= float(t.max()) <= hi:  # one host sync per step
+                v = model(x, t, text[:B], mask[:B]).float()  # (B, C, T', H', W')
             else:
                 v = flow.cfg_combine(*model(torch.cat([x, x]), torch.cat([t, t]), text, mask).float().chunk(2),
                                      cfg_scale)  # (B, C, T', H', W')
@@ -138,7 +146,7 @@ def generate(model: torch.nn.Module, encode_text: TextFn, vae: Autoencoder, prom
              seed: int = 0, device: torch.device | str = "cpu", solver: str = "euler",
              callback: Callable | None = None, indices: Sequence[int] | None = None,
              dtype: torch.dtype = torch.float32, cond_video: torch.Tensor | None = None,
-             cond_frames: int | None = None) -> torch.Tensor:
+             cond_frames: int | None = None, cfg_interval: Sequence[float] = (0.0, 1.0)) -> torch.Tensor:
     """Sample one video per prompt (or continue a given video).
 
     Integrates the learned velocity from noise (t = 1) to data (t = 0) with ``num_steps`` steps of
@@ -152,7 +160,7 @@ def generate(model: torch.nn.Module, encode_text: TextFn, vae: Autoencoder, prom
         num_frames, height, width: pixel-space clip size (frames, pixels).
         callback: passed to :func:`vdit.model.flow.sample_ode` (``(i, x, t, v)`` before step ``i``,
             latents with the guided velocity), e.g. to look at ``x_t - t v`` along the trajectory.
-        indices, dtype: see :func:`sample_latents`.
+        indices, dtype, cfg_interval: see :func:`sample_latents`.
         cond_video: float ``(B, 3, Tc, H, W)`` in [-1, 1], pixel frames to continue (one clip per
             prompt, at the sample's geometry). Its first ``cond_frames`` latent frames (the first
             :func:`cond_pixel_frames` pixel frames, encoded by ``vae``) condition the sample and are
@@ -182,7 +190,8 @@ def generate(model: torch.nn.Module, encode_text: TextFn, vae: Autoencoder, prom
         cond_video = cond_video[:, :, :n_pix].float()  # (B, 3, n_pix, H, W)
         cond = vae.encode(cond_video.to(device))[:, :, :cond_frames]  # (B, C, k, H', W')
     x0 = sample_latents(model, encode_text, latent, prompts, num_steps, cfg_scale, flow_shift, seed, device, solver,
-                        indices=indices, dtype=dtype, callback=callback, cond_latents=cond)  # (B, C, T', H', W')
+                        indices=indices, dtype=dtype, callback=callback, cond_latents=cond,
+                        cfg_interval=cfg_interval)  # (B, C, T', H', W')
     video = vae.decode(x0).float().clamp(-1, 1).cpu()  # (B, 3, T, H, W)
     if n_pix:
         video[:, :, :n_pix] = cond_video.cpu().clamp(-1, 1)  # the given frames, not their VAE reconstruction
@@ -236,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="ODE solver: euler (1 network call per step) or heun (2) (default: the run's eval.solver)")
     ap.add_argument("--cfg-scale", type=float, default=None,
                     help="classifier-free guidance scale, 1 = off (default: the run's eval.cfg_scale)")
+    ap.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
+                    help="apply guidance only at flow times LO <= t <= HI (default: the run's eval.cfg_interval)")
     ap.add_argument("--flow-shift", type=float, default=None,
                     help="timestep shift of the sampling schedule (default: the run's eval.flow_shift)")
     ap.add_argument("--seed", type=int, default=0)
@@ -302,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                       num_frames, height, width,
                       pick(args.num_steps, e.num_steps), pick(args.cfg_scale, e.cfg_scale),
                       pick(args.flow_shift, e.flow_shift), args.seed, dev, solver=pick(args.solver, e.solver),
-                      cond_video=cond_video, cond_frames=cond_frames)
+                      cond_video=cond_video, cond_frames=cond_frames,
+                      cfg_interval=pick(args.cfg_interval, list(e.cfg_interval)))
     out = args.out or os.path.join(args.run_dir or args.weights, "samples", f"step-{step}")
     paths = write_samples(out, videos, prompts, args.fps or d.target_fps or 8.0)
     print(json.dumps({"step": step, "samples": paths, "contact_sheet": os.path.join(out, "contact_sheet.png"),

@@ -139,7 +139,7 @@ def sample_share(cfg, model: torch.nn.Module, encode_text: TextFn, vae, prompts:
         x0 = sample_latents(model, encode_text, latent, [prompts[i] if i is not None else "" for i in chunk],
                             e.num_steps, e.cfg_scale, e.flow_shift, e.seed, device, e.solver,
                             indices=[i if i is not None else len(prompts) for i in chunk],
-                            dtype=dtype)  # (b, C, T', H', W')
+                            dtype=dtype, cfg_interval=e.cfg_interval)  # (b, C, T', H', W')
         real = [j for j, i in enumerate(chunk) if i is not None]
         if ranks.sp_rank == 0 and real:
             videos = vae.decode(x0[real]).float().clamp(-1, 1).cpu()  # (r, 3, T, H, W)

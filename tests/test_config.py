@@ -61,6 +61,8 @@ def test_typo_in_a_group_file_fails(tmp_path):
     ("data.height=30", "data.height"),
     ("model.num_heads=3", "num_heads"),
     ("train.precision=fp8", "train.precision"),
+    ("eval.physics_radius_frac=[0.2,0.1]", "eval.physics_radius_frac"),
+    ("eval.cfg_interval=[0.5]", "eval.cfg_interval"),
 ])
 def test_invalid_values_fail_with_the_key(override, match):
     with pytest.raises(ValueError, match=match):

@@ -16,13 +16,14 @@ import os
 
 import numpy as np
 import pytest
+import torch
 import webdataset as wds
 
 from vdit.data.synthetic import BACKGROUND_COLORS, caption, random_scene, render, simulate
 from vdit.data.transforms import to_uint8_video
 from vdit.data.video_io import encode_mp4
 from vdit.eval.fidelity import scene_fidelity
-from vdit.eval.sample import generate
+from vdit.eval.sample import generate, sample_latents
 from vdit.model import flow
 from vdit.train.config import load_config, validate
 from vdit.train.trainer import Trainer, build_model
@@ -138,3 +139,34 @@ def test_a_sampler_that_drops_the_text_is_caught(trained):
     finally:
         trainer.encode_text = encode
     assert not all(_regenerated(v) for v in videos)
+
+
+def test_guidance_interval_applies_guidance_only_inside_it(trained):
+    """``cfg_interval=(lo, hi)`` guides exactly the steps with ``lo <= t <= hi``: an empty interval is
+    the unguided sampler bit for bit, ``(0, 1)`` the fully guided one, and a partial interval follows
+    the unguided trajectory until its first guided step."""
+    trainer, scenes, _ = trained
+    model = build_model(trainer.cfg, trainer.device)
+    trainer.ema.copy_to(model)
+    captions = [caption(p) for p in scenes]
+    latent = trainer.vae.latent_shape(FRAMES, SIZE, SIZE)
+
+    def run(cfg_scale, interval=(0.0, 1.0)):
+        xs: list = []
+        out = sample_latents(model, trainer.encode_text, latent, captions, 6, cfg_scale, device=trainer.device,
+                             cfg_interval=interval, callback=lambda i, x, t, v: xs.append((float(t[0]), x.clone())))
+        return out, xs
+
+    plain, plain_xs = run(1.0)
+    guided, _ = run(3.0)
+    assert torch.equal(run(3.0, (0.0, 0.0))[0], plain)
+    assert torch.equal(run(3.0, (0.0, 1.0))[0], guided)
+    part, part_xs = run(3.0, (0.0, 0.5))
+    assert not torch.equal(part, plain) and not torch.equal(part, guided)
+    first_guided = next(i for i, (t, _) in enumerate(part_xs) if t <= 0.5)
+    assert 0 < first_guided < len(part_xs)
+    for i in range(first_guided + 1):  # states before any guided step moved them
+        assert torch.equal(part_xs[i][1], plain_xs[i][1])
+    assert not torch.equal(part_xs[first_guided + 1][1], plain_xs[first_guided + 1][1])
+    with pytest.raises(ValueError, match="cfg_interval"):
+        run(3.0, (0.6, 0.4))

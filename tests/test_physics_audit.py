@@ -100,11 +100,12 @@ def test_trajectory_metric_result():
     assert "exactly the specified checks" in r.original
 
 
+@pytest.mark.parametrize("radius_frac", [(0.045, 0.11), (0.12, 0.17)])  # the default, the quickstart's
 @pytest.mark.parametrize("seed", range(0, 20, 2))
-def test_renderer_clips_pass_at_quickstart_size(seed):
+def test_renderer_clips_pass_at_quickstart_size(seed, radius_frac):
     """16 frames of 32 x 32 at 8 fps: flights of 2-5 frames; bounces found with the scene's g."""
     from vdit.data.synthetic import random_scene
 
-    params = random_scene(np.random.default_rng(seed), 32, 32, 16, 8.0)
+    params = random_scene(np.random.default_rng(seed), 32, 32, 16, 8.0, radius_frac)
     report = physics_checks(render(params), params)
     assert report["passed"] is True, (params.scene, verdicts(report))

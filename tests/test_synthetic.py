@@ -162,3 +162,15 @@ def test_contact_sheet(tmp_path):
     assert image.ndim == 3 and image.shape[0] > 3 * 96 and image.shape[1] >= 8 * 96
     with pytest.raises(ValueError):
         contact_sheet(clips, ["only one"], path=tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("radius_frac", [(0.045, 0.11), (0.12, 0.17)])
+def test_radius_frac_bounds_every_ball(radius_frac):
+    """Radii lie in ``radius_frac`` of the smaller side (never under 2.5 px), and scenes stay valid."""
+    lo, hi = radius_frac
+    for seed in range(20):
+        p = random_scene(np.random.default_rng(seed), 32, 48, 16, 12.0, radius_frac)
+        for b in p.balls:
+            assert max(lo * 32, 2.5) - 1e-9 <= b.radius <= max(hi * 32, 3.5) + 1e-9
+    with pytest.raises(ValueError, match="radius_frac"):
+        random_scene(np.random.default_rng(0), 32, 32, 16, 12.0, (0.2, 0.1))
