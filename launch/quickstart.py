@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -22,34 +23,53 @@ from vdit.train.logging import read_metrics
 
 DATA = os.path.join("runs", "quickstart-data")
 RUN = os.path.join("runs", "quickstart")
+# Ball radius range of the procedural clips (fractions of the 32 px side); must equal the
+# experiment's eval.physics_radius_frac so that new-scene prompts describe balls like the training ones.
+BALL_RADIUS_FRAC = (0.045, 0.11)
 
 
 def _step(msg: str) -> None:
     print(f"\n==> {msg}", flush=True)
 
 
-def build_data(data_dir: str = DATA, synthetic_clips: int = 160, synthetic_size: int = 32) -> str:
-    """Prepare the sample videos and ingest them into shards (skipped when shards exist); returns the shard dir.
+def build_data(data_dir: str = DATA, synthetic_clips: int = 160, synthetic_size: int = 32,
+               ball_radius_frac: tuple[float, float] = BALL_RADIUS_FRAC) -> str:
+    """Prepare the sample videos and ingest them into shards; returns the shard dir.
 
+    Reused when ``data_dir/build.json`` records the same arguments; rebuilt (the folder is
+    replaced) when they changed, e.g. after an update of the quickstart's data recipe.
     The procedural clips are rendered at ``synthetic_size`` pixels, the training resolution, so
-    their balls keep the renderer's minimum radius (2.5 px) instead of being halved by a resize.
+    their balls keep the renderer's minimum radius (2.5 px) instead of being halved by a resize;
+    ``ball_radius_frac`` is their radius range as fractions of the frame side
+    (docs/training-recipe.md).
     """
     from vdit.data import ingest, samples
 
     shards = os.path.join(data_dir, "shards")
-    if os.path.exists(os.path.join(shards, "index.json")):
-        print(f"shards already in {shards} (delete the folder to rebuild)")
-        return shards
+    recipe = {"synthetic_clips": synthetic_clips, "synthetic_size": synthetic_size,
+              "ball_radius_frac": [float(x) for x in ball_radius_frac]}
+    marker = os.path.join(data_dir, "build.json")
+    if os.path.exists(os.path.join(shards, "index.json")) and os.path.exists(marker):
+        with open(marker) as f:
+            if json.load(f) == recipe:
+                print(f"shards already in {shards} (delete the folder to rebuild)")
+                return shards
+    if os.path.exists(data_dir):
+        print(f"rebuilding {data_dir}: its data recipe differs from {recipe}")
+        shutil.rmtree(data_dir)
     raw = os.path.join(data_dir, "raw")
     _step(f"vdit-prepare-samples -> {raw}")
     if samples.main(["--output", raw, "--synthetic-clips", str(synthetic_clips), "--seed", "0",
-                     "--height", str(synthetic_size), "--width", str(synthetic_size)]) not in (0, None):
+                     "--height", str(synthetic_size), "--width", str(synthetic_size),
+                     "--ball-radius-frac", *(str(x) for x in ball_radius_frac)]) not in (0, None):
         raise SystemExit("vdit-prepare-samples failed")
     _step(f"vdit-ingest -> {shards}")
     code = ingest.main(["--input", os.path.join(raw, "manifest.jsonl"), "--output", shards, "--clip-seconds", "2",
                         "--clip-stride-seconds", "1", "--max-side", "128", "--samples-per-shard", "8"])
     if code != 0:
         raise SystemExit(f"vdit-ingest failed with exit status {code}")
+    with open(marker, "w") as f:
+        json.dump(recipe, f)
     return shards
 
 
@@ -68,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     build_data()
     t_data = time.time() - t0
+    if os.path.exists(RUN):  # a rerun trains afresh (e.g. after an update of the recipe), never resumes an old run
+        print(f"removing the previous quickstart run {RUN}")
+        shutil.rmtree(RUN)
     _step("vdit-train +experiment=quickstart " + " ".join(overrides))
     cmd = [sys.executable, "-m", "vdit.train.main", "+experiment=quickstart", f"run_dir={RUN}", *overrides]
     code = subprocess.call(cmd)
