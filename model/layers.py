@@ -122,7 +122,9 @@ class PatchEmbed3D(nn.Module):
         """
         grid = self.grid_size(*x.shape[2:])  # validates divisibility with a readable message
         x = self.proj(x)  # (B, D, T', H', W')
-        x = rearrange(x, "b d t h w -> b (t h w) d")  # (B, L, D)
+        # contiguous: the transposed view would set the layout of the whole residual stream (elementwise
+        # ops keep their first input's strides), and every LayerNorm would copy it, forward and backward
+        x = rearrange(x, "b d t h w -> b (t h w) d").contiguous()  # (B, L, D)
         if self.pos_embed == "sincos":
             x = x + sincos_pos_embed_3d(grid, self.hidden_size, x.device).to(x.dtype)  # (B, L, D)
         return x
