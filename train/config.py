@@ -136,9 +136,16 @@ class FlowConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warmup then ``cosine`` or ``constant`` learning rate (``lr`` is the peak)."""
+    """AdamW with linear warmup then ``cosine`` or ``constant`` learning rate (``lr`` is the peak).
+
+    ``implementation``: torch's AdamW kernel: ``fused`` (one kernel over all parameters, CPU and
+    CUDA), ``foreach`` (multi-tensor), ``for_loop``, or ``auto`` (fused; torchtitan's default too).
+    Measured by ``bench/step.py``, 16.8M parameters on 2 CPU cores: fused 13 ms, torch's default 33 ms,
+    foreach 51 ms per step. Results agree to rounding; a run resumes with the same kernel.
+    """
 
     lr: float = 3e-4
+    implementation: str = "auto"
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
@@ -339,6 +346,7 @@ _VALID = {
     ("flow", "timestep_sampling"): ("logit_normal", "uniform"),
     ("flow", "loss_weighting"): ("velocity", "x0"),
     ("optim", "schedule"): ("cosine", "constant"),
+    ("optim", "implementation"): ("auto", "fused", "foreach", "for_loop"),
     ("train", "precision"): ("auto", "fp32", "bf16"),
     ("wandb", "mode"): ("offline", "online", "disabled"),
     ("data", "video_dtype"): ("float32", "uint8"),

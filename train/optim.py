@@ -10,14 +10,32 @@ from torch import nn
 from vdit.train.config import OptimConfig
 
 
+def kernel_kwargs(implementation: str) -> dict[str, bool]:
+    """``torch.optim.AdamW`` keyword arguments of ``OptimConfig.implementation``.
+
+    Raises:
+        ValueError: an unknown implementation.
+    """
+    kwargs = {"auto": {"fused": True}, "fused": {"fused": True}, "foreach": {"foreach": True},
+              "for_loop": {"foreach": False}}
+    if implementation not in kwargs:
+        raise ValueError(f"optim.implementation={implementation!r} is not one of {list(kwargs)}")
+    return kwargs[implementation]
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW over trainable parameters; no weight decay on biases, norms and 1-D tensors."""
+    """AdamW over trainable parameters; no weight decay on biases, norms and 1-D tensors.
+
+    Its kernel is ``cfg.implementation`` (:func:`kernel_kwargs`); the fused kernel needs floating
+    point parameters on one kind of device (CPU or CUDA, plain tensors or FSDP2 DTensors).
+    """
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+                             **kernel_kwargs(cfg.implementation))
 
 
 def lr_lambda(step: int, cfg: OptimConfig, total_steps: int) -> float:
