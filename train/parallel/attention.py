@@ -58,6 +58,10 @@ BACKENDS = ("auto", "flash", "sdpa", "math")
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
 _INSTALL_HINT = "install FlashAttention with `pip install vdit[gpu]` (or `pip install flash-attn`)"
 _logged: set[tuple[str, str, str]] = set()
+# The resolved flash kernel, set by the first _flash_func() (select_attention_backend calls it before
+# any block is compiled): flash_attention reads this global, so a compiled block traces no lru_cache
+# or importlib call (they broke each block's graph 4 times, issue 14).
+_FLASH: tuple[Callable | None, str] | None = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,13 +70,16 @@ def _flash_func() -> tuple[Callable | None, str]:
 
     Imported for real (not just ``find_spec``): a wheel built for another CUDA fails only at import.
     """
+    global _FLASH
     errors = []
     for module, tag in (("flash_attn_interface", "fa3"), ("flash_attn", "fa2")):
         try:
-            return importlib.import_module(module).flash_attn_func, tag
+            _FLASH = importlib.import_module(module).flash_attn_func, tag
+            return _FLASH
         except Exception as e:  # ImportError, or an OSError/RuntimeError from a mismatched CUDA build
             errors.append(f"{module}: {type(e).__name__}: {e}")
-    return None, "; ".join(errors)
+    _FLASH = None, "; ".join(errors)
+    return _FLASH
 
 
 def flash_attn_available() -> bool:
@@ -102,7 +109,7 @@ def flash_attention(
     """
     if attn_mask is not None:
         return sdpa_attention(q, k, v, attn_mask=attn_mask)
-    fn, tag = _flash_func()
+    fn, tag = _FLASH if _FLASH is not None else _flash_func()
     if fn is None:
         raise ImportError(f"flash attention requested but flash-attn is not importable ({tag}); {_INSTALL_HINT}")
     if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):

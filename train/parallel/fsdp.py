@@ -108,8 +108,36 @@ def apply_compile(model: nn.Module, **compile_kwargs) -> None:
     Per block rather than the whole model: the blocks are identical, so one compiled graph is reused
     ``depth`` times (compile time independent of depth), and FSDP's per-block hooks stay outside
     the graphs. In place (``nn.Module.compile``) keeps parameter names. Call before FSDP (the
-    order of :func:`parallelize`). Tests use ``backend="eager"`` on CPU.
+    order of :func:`parallelize`). Tests use ``backend="aot_eager"`` or ``"eager"`` on CPU.
+
+    What keeps a block one graph, compiled a bounded number of times (``tests/test_compile.py``):
+
+    - **No graph breaks on the SDPA path**, with or without Ulysses. An attention kernel must not
+      look anything up inside the forward (an ``lru_cache`` / ``importlib`` call in the traced block
+      is a graph break each): resolve it when it is installed. Ulysses' all-to-alls become
+      functional collectives under compile and keep their byte accounting out of traced code
+      (``vdit.train.parallel.comm``: the statistics are eager-only). Ring attention stays eager by
+      design (``@torch.compiler.disable``: a break around each call).
+    - **Shapes.** Bucketed training changes the batch ``B`` and the token count ``L`` of the block's
+      ``(B, L, D)`` input. Dynamo compiles the first bucket statically and, when a dim first
+      changes, recompiles with it dynamic (automatic dynamic shapes: once if ``B`` and ``L`` change
+      together, twice if apart); later buckets reuse that graph. Batch 1 gets a graph of its own
+      (Dynamo specializes sizes 0 and 1), and so does, under Ulysses, a token count that needs
+      padding. The count depends on those few cases, not on the number of buckets (measured on
+      CPU: 3 graphs over 7 buckets with batch 1; 3 over 10 Ulysses buckets), and stays below the
+      recompile limit (8) past which blocks would silently run eagerly
+      (``fail_on_recompile_limit_hit`` makes that an error in the tests).
+      ``dynamic=True`` in ``compile_kwargs`` makes every dim dynamic at once (2 graphs for the same
+      7 buckets) but traced 2.5x slower on CPU, so the default stays.
+    - **Integers on modules may become dynamic** (``torch._dynamo.config.allow_unspec_int_on_nn_module``,
+      set here, process-wide): sequence parallelism keeps the per-forward token counts (real and
+      padded) on its handle, reached from the block through ``attn.core``; Dynamo specializes
+      integers found on modules by default, which recompiled every block at every new ``L``.
+      Integers that never change (``num_heads``) stay static either way.
     """
+    import torch._dynamo
+
+    torch._dynamo.config.allow_unspec_int_on_nn_module = True
     for block in _blocks(model):
         block.compile(**compile_kwargs)
 

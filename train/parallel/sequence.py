@@ -62,6 +62,11 @@ Rules for the trainer
 * **Order.** attention backend -> sequence parallel -> activation checkpointing -> compile -> FSDP
   (SP wraps the kernel, so it comes after the backend is chosen; :func:`apply_attention_backend`
   also works afterwards, it swaps the kernel inside the SP wrapper).
+* **Compile** (:func:`~vdit.train.parallel.fsdp.apply_compile`, per block): Ulysses' all-to-alls are
+  functional collectives inside the block's graph (no graph break; :data:`COMM_STATS` counts eager
+  calls only); ring attention runs eagerly (``@torch.compiler.disable``), a graph break around each
+  call. A token count that needs padding (``L % sp != 0``) compiles one more graph than one that
+  does not (the key slice differs); ``tests/test_compile.py`` bounds the count.
 * The per-forward sequence length lives in the handle, set by the ``patch_embed`` hook; activation
   recomputation (checkpointing) is fine as long as forward/backward of different sequence lengths
   are not interleaved.
@@ -87,7 +92,7 @@ from torch.distributed import ProcessGroup
 
 from vdit.model.attention import Attention
 
-from .comm import COMM_STATS, CommStats, _AllToAll, _nbytes
+from .comm import COMM_STATS, CommStats, _nbytes, all_to_all_dim0, count_comm
 from .ring import _flash_attn2, _KeyLayout, ring_attention
 
 __all__ = [
@@ -121,7 +126,7 @@ def _seq_to_head(qkv: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     n = dist.get_world_size(group)
     s, b, ls, h, d = qkv.shape
     x = qkv.reshape(s, b, ls, n, h // n, d).permute(3, 0, 1, 2, 4, 5)  # (n, S, B, Ls, H/n, D): dim 0 = destination
-    y = _AllToAll.apply(x, group)  # (n, S, B, Ls, H/n, D): dim 0 = source = sequence chunk
+    y = all_to_all_dim0(x, group)  # (n, S, B, Ls, H/n, D): dim 0 = source = sequence chunk
     return y.permute(1, 2, 0, 3, 4, 5).reshape(s, b, n * ls, h // n, d)  # (S, B, n*Ls, H/n, D)
 
 
@@ -131,7 +136,7 @@ def _head_to_seq(x: torch.Tensor, group: ProcessGroup) -> torch.Tensor:
     b, l, hn, d = x.shape
     ls = l // n
     x = x.reshape(b, n, ls, hn, d).permute(1, 0, 2, 3, 4)  # (n, B, Ls, H/n, D): dim 0 = destination chunk
-    y = _AllToAll.apply(x, group)  # (n, B, Ls, H/n, D): dim 0 = source = head group
+    y = all_to_all_dim0(x, group)  # (n, B, Ls, H/n, D): dim 0 = source = head group
     return y.permute(1, 2, 0, 3, 4).reshape(b, ls, n * hn, d)  # (B, Ls, H, D)
 
 
@@ -176,7 +181,7 @@ class _GatherSequence(torch.autograd.Function):
             return x[:, :real_len]
         parts = [torch.empty_like(x) for _ in range(n)]
         dist.all_gather(parts, x, group=group)
-        COMM_STATS.add("all_gather", "fwd", _nbytes(x) * (n - 1))
+        count_comm("all_gather", "fwd", _nbytes(x) * (n - 1))
         return torch.cat(parts, dim=1)[:, :real_len]  # (B, L, P)
 
     @staticmethod
