@@ -176,6 +176,32 @@ def fsdp_dims(ctx: Ctx, param_dtype: str):
     return pcfg, dims
 
 
+def sharded_model(ctx: Ctx, cfg, param_dtype: str, activation_checkpointing: str = "none",
+                  compiled: bool = False, before_parallelize=None):
+    """A ``VideoDiT`` of ``cfg`` built on meta, attention backend ``auto``, then the project's own
+    :func:`vdit.train.parallel.fsdp.parallelize` (AC -> compile -> FSDP2 on the 1-rank group) and
+    :func:`~vdit.train.parallel.fsdp.materialize_and_init`. ``before_parallelize(model)`` runs on the
+    plain model first (e.g. to wrap attention cores). Returns ``(model, backend)``; call inside
+    :func:`one_rank_group`."""
+    import dataclasses
+
+    from vdit.model.dit import VideoDiT
+    from vdit.train.parallel.attention import apply_attention_backend
+    from vdit.train.parallel.fsdp import materialize_and_init, parallelize
+
+    pcfg, dims = fsdp_dims(ctx, param_dtype)
+    pcfg = dataclasses.replace(pcfg, activation_checkpointing=activation_checkpointing, compile=compiled)
+    with torch.device("meta"):
+        model = VideoDiT(cfg)
+    reference = copy.deepcopy(model)
+    backend = apply_attention_backend(model, "auto", ctx.device, ctx.dtype)
+    if before_parallelize is not None:
+        before_parallelize(model)
+    parallelize(model, dims, pcfg, compile_kwargs={"backend": "aot_eager"} if ctx.smoke else None)
+    materialize_and_init(model, ctx.device, 0, reference)
+    return model, backend
+
+
 def wan_config(**overrides):
     """``DiTConfig`` of ``conf/model/wan2.1-t2v-1.3b.yaml`` with ``overrides`` (text_dim 4096 = UMT5-XXL)."""
     import yaml
@@ -322,9 +348,6 @@ def run_ring(ctx: Ctx) -> dict:
 def run_dtypes(ctx: Ctx) -> dict:
     import vdit.model.attention as attention_module
     from vdit.model.attention import Attention
-    from vdit.model.dit import VideoDiT
-    from vdit.train.parallel.attention import apply_attention_backend
-    from vdit.train.parallel.fsdp import apply_fsdp, materialize_and_init
 
     cfg = wan_config(hidden_size=64 if ctx.smoke else 512, depth=2, num_heads=2 if ctx.smoke else 4,
                      mlp_ratio=2.0, text_dim=32 if ctx.smoke else 256)
@@ -346,17 +369,13 @@ def run_dtypes(ctx: Ctx) -> dict:
         rope_dtypes.add(tuple(str(t.dtype).replace("torch.", "") for t in (x, cos, out)))
         return out
 
-    with one_rank_group(ctx):
-        pcfg, dims = fsdp_dims(ctx, "bf16" if ctx.cuda else "fp32")
-        with torch.device("meta"):
-            model = VideoDiT(cfg)
-        reference = copy.deepcopy(model)
-        backend = apply_attention_backend(model, "auto", ctx.device, ctx.dtype)
+    def record_cores(model):
         for name, module in model.named_modules():
             if isinstance(module, Attention):
                 module.core = recording(module.core, "cross" if name.endswith("cross_attn") else "self")
-        apply_fsdp(model, dims.fsdp_mesh, pcfg)
-        materialize_and_init(model, ctx.device, 0, reference)
+
+    with one_rank_group(ctx):
+        model, backend = sharded_model(ctx, cfg, "bf16" if ctx.cuda else "fp32", before_parallelize=record_cores)
         inp = model_inputs(ctx, cfg, thw, text_len)
         error = None
         attention_module.apply_rotary = rotary  # Attention.forward looks the name up in its module
@@ -376,7 +395,7 @@ def run_dtypes(ctx: Ctx) -> dict:
     uniform = all(len(set(t[:3])) == 1 for s in core_dtypes.values() for t in s)
     ok = error is None and uniform and bool(core_dtypes) and bool(rope_dtypes)
     return {"status": "pass" if ok else "fail", "error": error, "attention_backend": backend,
-            "param_dtype": pcfg.param_dtype, "core_dtypes": {k: sorted(v) for k, v in core_dtypes.items()},
+            "param_dtype": "bf16" if ctx.cuda else "fp32", "core_dtypes": {k: sorted(v) for k, v in core_dtypes.items()},
             "rope_dtypes": sorted(rope_dtypes), "grad_dtypes": grad_dtypes, "sharded_param_dtypes": param_dtypes,
             "core_inputs_uniform": uniform, "loss": None if error else _r(loss.item())}
 
@@ -520,13 +539,10 @@ def run_syncs(ctx: Ctx) -> dict:
 
 # --------------------------------------------------------------------------------------------- 6 step
 def run_step(ctx: Ctx, compiled: bool = False) -> dict:
-    from vdit.model.dit import VideoDiT
     from vdit.train.checkpoint import CheckpointManager, ModelOptimizerState
     from vdit.train.config import OptimConfig
     from vdit.train.flops import device_peak_flops, training_flops
     from vdit.train.optim import build_optimizer
-    from vdit.train.parallel.attention import apply_attention_backend
-    from vdit.train.parallel.fsdp import apply_activation_checkpointing, apply_compile, apply_fsdp, materialize_and_init
 
     if ctx.smoke:
         cfg = wan_config(hidden_size=64, depth=2, num_heads=2, text_dim=32, mlp_ratio=2.0)
@@ -536,18 +552,7 @@ def run_step(ctx: Ctx, compiled: bool = False) -> dict:
         thw, text_len = (21, 60, 104), 512  # 832x480 video, 81 frames through Wan's VAE (4x8x8) -> 32,760 tokens
     t_build = time.perf_counter()
     with one_rank_group(ctx):
-        pcfg, dims = fsdp_dims(ctx, "bf16" if ctx.cuda else "fp32")
-        with torch.device("meta"):
-            model = VideoDiT(cfg)
-        reference = copy.deepcopy(model)
-        # the order of vdit.train.parallel.fsdp.parallelize: backend -> (no SP) -> AC -> compile -> FSDP
-        backend = apply_attention_backend(model, "auto", ctx.device, ctx.dtype)
-        apply_activation_checkpointing(model, "full")
-        if compiled:
-            apply_compile(model, **({"backend": "aot_eager"} if ctx.smoke else {}))
-        apply_fsdp(model, dims.fsdp_mesh, pcfg)
-        materialize_and_init(model, ctx.device, 0, reference)
-        del reference
+        model, backend = sharded_model(ctx, cfg, "bf16" if ctx.cuda else "fp32", "full", compiled)
         opt = build_optimizer(model, OptimConfig())
         inp = model_inputs(ctx, cfg, thw, text_len)
         tokens = model.num_tokens(*thw)
@@ -575,7 +580,7 @@ def run_step(ctx: Ctx, compiled: bool = False) -> dict:
         result = {"model": "wan2.1-t2v-1.3b" if not ctx.smoke else "wan-shaped tiny",
                   "params": cfg.num_params(), "latent_thw": list(thw), "tokens": tokens, "text_len": text_len,
                   "attention_backend": backend, "activation_checkpointing": "full", "compiled": compiled,
-                  "param_dtype": pcfg.param_dtype, "reduce_dtype": pcfg.reduce_dtype, "build_s": build_s,
+                  "param_dtype": "bf16" if ctx.cuda else "fp32", "reduce_dtype": "fp32", "build_s": build_s,
                   ("compile_s" if compiled else "first_step_s"): first_s, "step_s": _r(step_s),
                   "tokens_per_s": _r(tokens / step_s), "tflop_per_step": _r(flops / 1e12), "tflops": _r(tflops),
                   "peak_tflops": _r(peak / 1e12) if peak else None, "peak_source": peak_src,
