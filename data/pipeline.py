@@ -550,6 +550,9 @@ class VideoPipeline:
         patch_size: ``(pt, ph, pw)`` of the model, for ``num_tokens`` of latent batches
             (``(T'//pt)(H'//ph)(W'//pw)`` per sample). Without it (and without ``tokens_fn``) a
             latent sample counts ``T' H' W'`` tokens. Unused for video shards.
+        pin_memory: pin each batch's tensors in page-locked host memory (for a CUDA trainer, whose
+            ``non_blocking`` copies are only asynchronous from pinned memory): by the DataLoader's
+            pin thread with workers, in the consuming process without.
 
     Iterating yields ``{"video": float32 (B, C, T, H, W) in [-1, 1], "caption": list[str], "key":
     list[str], "bucket": (T, H, W), "num_tokens": int, ...}`` forever (epochs roll over). Call
@@ -570,7 +573,8 @@ class VideoPipeline:
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, *, dp_rank: int | None = None,
                  dp_size: int | None = None, buckets: BucketConfig | Buckets | dict | None = None,
                  tokens_fn=None, read: ShardReadSpec | None = None, video_dtype: str = "float32",
-                 patch_size: tuple[int, int, int] | list[int] | None = None):
+                 patch_size: tuple[int, int, int] | list[int] | None = None, pin_memory: bool = False):
+        self.pin_memory = pin_memory
         if video_dtype not in ("float32", "uint8"):
             raise ValueError(f"video_dtype must be 'float32' or 'uint8'; got {video_dtype!r}")
         self.video_dtype = video_dtype
@@ -631,12 +635,13 @@ class VideoPipeline:
         if self.num_workers == 0:
             return self._finish(iter(ds))
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
-                            persistent_workers=False, multiprocessing_context="fork"
+                            pin_memory=self.pin_memory, persistent_workers=False, multiprocessing_context="fork"
                             if torch.multiprocessing.get_start_method(allow_none=True) in (None, "fork") else None)
-        return self._finish(iter(loader))
+        return self._finish(iter(loader))  # the loader's pin thread pinned what the workers shipped
 
     def _finish(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-        """uint8 -> float32 [-1, 1] in the consuming process.
+        """uint8 -> float32 [-1, 1] in the consuming process; with ``pin_memory``, every tensor of the
+        batch not pinned yet (no workers, or a float conversion after the loader's pin thread) is pinned.
 
         Workers ship uint8 clips (4x less shared memory than float) and the conversion overlaps
         with their decoding instead of adding to it. ``video_dtype="uint8"`` skips it, for a
@@ -645,6 +650,9 @@ class VideoPipeline:
         for batch in batches:
             if self.video_dtype == "float32" and "video" in batch:
                 batch["video"] = to_model_range(batch["video"])
+            if self.pin_memory:
+                batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) and not v.is_pinned() else v
+                         for k, v in batch.items()}
             yield batch
 
     @property

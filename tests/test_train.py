@@ -35,11 +35,13 @@ def losses(run_dir):
     return [rows[s] for s in sorted(rows)]
 
 
-@pytest.mark.parametrize("accum", [1, 2])
-def test_resume_reproduces_uninterrupted_losses_exactly(shards, tmp_path, accum):
-    full = Trainer(tiny_cfg(shards, tmp_path / "full", f"train.grad_accum_steps={accum}"))
+# the last case takes the CUDA defaults' paths on CPU: noise drawn by per-sample device generators,
+# uint8 frames normalised by the trainer
+@pytest.mark.parametrize("accum,extra", [(1, ()), (2, ()), (1, ("train.noise_device=device", "data.video_dtype=uint8"))])
+def test_resume_reproduces_uninterrupted_losses_exactly(shards, tmp_path, accum, extra):
+    full = Trainer(tiny_cfg(shards, tmp_path / "full", f"train.grad_accum_steps={accum}", *extra))
     full.fit()
-    cfg = tiny_cfg(shards, tmp_path / "split", f"train.grad_accum_steps={accum}")
+    cfg = tiny_cfg(shards, tmp_path / "split", f"train.grad_accum_steps={accum}", *extra)
     Trainer(cfg).fit(stop_at=3)  # an interrupted job: checkpoint at step 3, process gone
     resumed = Trainer(cfg)  # fresh objects, resume=auto
     resumed.fit()
@@ -50,6 +52,18 @@ def test_resume_reproduces_uninterrupted_losses_exactly(shards, tmp_path, accum)
     for n, a in full.ema.shadow.items():
         assert torch.equal(a, resumed.ema.shadow[n]), n
     assert full.data.state_dict() == resumed.data.state_dict()
+
+
+def test_uint8_frames_train_exactly_like_float_frames(shards, tmp_path):
+    """data.video_dtype=uint8 (the CUDA default: normalised by the trainer) changes no bit of training."""
+    runs = {}
+    for dtype in ("float32", "uint8"):
+        t = Trainer(tiny_cfg(shards, tmp_path / dtype, f"data.video_dtype={dtype}", "train.steps=3"))
+        t.fit()
+        runs[dtype] = (losses(tmp_path / dtype), t.model.state_dict())
+    assert runs["uint8"][0] == runs["float32"][0]
+    for n, a in runs["float32"][1].items():
+        assert torch.equal(a, runs["uint8"][1][n]), n
 
 
 def test_keep_last_k_and_latest(shards, tmp_path):

@@ -27,6 +27,15 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
+def resolve_video_dtype(name: str, device: torch.device) -> str:
+    """``data.video_dtype``: ``auto`` ships uint8 frames to CUDA (normalised there: 4x fewer
+    host-to-device bytes than float32) and float32 elsewhere (converted by the pipeline, where it
+    overlaps with decoding); ``float32`` and ``uint8`` are taken as given. Both give bit-equal inputs."""
+    if name == "auto":
+        return "uint8" if device.type == "cuda" else "float32"
+    return name
+
+
 def build_model(cfg: TrainConfig, device: torch.device, init_from: bool = False) -> VideoDiT:
     """Build the DiT on the meta device, materialize on ``device``, then run the model's own init.
 

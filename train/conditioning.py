@@ -18,7 +18,7 @@ The rescaling keeps each sample's loss the mean squared error over the frames it
 continuation sample weighs as much in the step as a text-to-video one.
 
 Determinism: ``k`` comes from a generator seeded by ``(train.seed, step, sample key, repeat, tag)``,
-the per-sample seeding of :meth:`vdit.train.trainer.Trainer.sample_randomness` plus a tag of its own,
+the per-sample seeding of :func:`vdit.train.draws.sample_draws` plus a tag of its own,
 so turning conditioning on changes no timestep, noise or caption-dropout draw, every rank of a
 sequence-parallel group picks the same ``k`` for the same sample, and a resumed run picks the same
 ``k`` again.

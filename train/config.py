@@ -44,7 +44,8 @@ class DataConfig:
     ``(num_frames, height, width)`` bucket and a bucket's batch size comes from
     ``buckets.token_budget`` (see :mod:`vdit.data.buckets`); ``num_frames/height/width`` and
     ``batch_size`` are then unused. ``video_dtype=uint8`` ships frames as bytes and normalises on the
-    training device (4x less host traffic). A shard read is retried ``read_retries`` times with
+    training device (4x less host traffic); ``auto`` (default) is uint8 on CUDA and float32 elsewhere
+    (bit-equal inputs either way). Batches for a CUDA device are pinned (asynchronous copies). A shard read is retried ``read_retries`` times with
     exponential backoff from ``read_backoff_s``; one attempt is bounded by ``read_timeout_s`` seconds.
 
     Validation data (see ``eval.val_every``): ``val_shards`` is a separate shard spec never trained
@@ -66,7 +67,7 @@ class DataConfig:
     seed: int = 0
     caption_dropout: float = 0.1
     buckets: BucketConfig = field(default_factory=BucketConfig)  # an empty bucket list: fixed shape
-    video_dtype: str = "float32"
+    video_dtype: str = "auto"
     read_retries: int = 2
     read_backoff_s: float = 1.0
     read_timeout_s: Optional[float] = 600.0
@@ -198,6 +199,7 @@ class LoopConfig:
     init_from: Optional[str] = None
     cond_frames_prob: float = 0.0
     max_cond_frames: int = 0
+    noise_device: str = "auto"
 
 
 @dataclass
@@ -349,7 +351,8 @@ _VALID = {
     ("optim", "implementation"): ("auto", "fused", "foreach", "for_loop"),
     ("train", "precision"): ("auto", "fp32", "bf16"),
     ("wandb", "mode"): ("offline", "online", "disabled"),
-    ("data", "video_dtype"): ("float32", "uint8"),
+    ("data", "video_dtype"): ("auto", "float32", "uint8"),
+    ("train", "noise_device"): ("auto", "host", "device"),
     ("parallel", "backend"): ("fsdp", "deepspeed", "none"),
     ("parallel", "sp_mode"): ("ulysses", "ring", "hybrid"),
     ("parallel", "activation_checkpointing"): ("none", "full", "selective"),

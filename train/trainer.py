@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import random
 import time
-import zlib
 from typing import Any
 
 import numpy as np
@@ -24,6 +23,7 @@ from torch.distributed.tensor import DTensor
 
 from vdit.data.latents import check_encode_meta, expected_meta_from_config, load_null_text
 from vdit.data.pipeline import ClipSpec, ShardReadSpec, VideoPipeline
+from vdit.data.transforms import to_model_range
 from vdit.model import flow
 from vdit.model.dit import VideoDiT
 from vdit.train.build import (  # noqa: F401 - build_model is re-exported
@@ -32,10 +32,12 @@ from vdit.train.build import (  # noqa: F401 - build_model is re-exported
     build_model,
     resolve_device,
     resolve_precision,
+    resolve_video_dtype,
 )
 from vdit.train.checkpoint import CheckpointManager, GlobalDataState, ModelOptimizerState, ObjectState
 from vdit.train.conditioning import frame_conditioning
 from vdit.train.config import TrainConfig
+from vdit.train.draws import resolve_noise_device, sample_draws
 from vdit.train.ema import EMA
 from vdit.train.flops import PerfMeter, WorkCounter, peak_memory_bytes, training_flops
 from vdit.train.guard import StepGuard, rollback
@@ -114,6 +116,7 @@ class Trainer:
         # written: a failed start leaves no run directory and never touches config.yaml.
         self.preflight = preflight(cfg)
         self.dtype = resolve_precision(cfg.train.precision, self.device)
+        self.noise_device = resolve_noise_device(cfg.train.noise_device, self.device)  # None: the host stream
         random.seed(cfg.train.seed)
         np.random.seed(cfg.train.seed)
         torch.manual_seed(cfg.train.seed)  # the global stream (LoRA dropout) starts the same in every run
@@ -260,7 +263,8 @@ class Trainer:
             dp_size=self.dp_size, buckets=buckets,
             tokens_fn=lambda t, h, w: self.num_tokens(self.frozen_encoders()[1].latent_shape(t, h, w)),
             patch_size=tuple(self.cfg.model.patch_size),
-            read=ShardReadSpec(d.read_retries, d.read_backoff_s, d.read_timeout_s), video_dtype=d.video_dtype)
+            read=ShardReadSpec(d.read_retries, d.read_backoff_s, d.read_timeout_s),
+            video_dtype=resolve_video_dtype(d.video_dtype, self.device), pin_memory=self.device.type == "cuda")
 
     # ----------------------------------------------------------------------------------------- state
     def _stateful(self) -> dict[str, Any]:
@@ -419,24 +423,13 @@ class Trainer:
                           ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
         """Timesteps ``(B,)``, noise ``(B, *latent_shape)`` and caption-dropout flags for a micro-batch.
 
-        Each sample's draws come from a generator seeded by ``(train.seed, step, sample key)``, so
-        they do not depend on how the global batch is split over ranks or accumulation steps,
-        nor on anything before this step: a resumed run needs no generator state to continue
-        exactly, and a 2-rank run draws the same numbers for a sample as a 1-rank run.
+        Seeded per sample by ``(train.seed, step, sample key)`` (:func:`vdit.train.draws.sample_draws`):
+        independent of the rank layout and the accumulation split, and exact on resume. The noise is
+        drawn on the device under ``train.noise_device=device`` (the CUDA default).
         """
-        f = self.cfg.flow
-        ts, noises, drops = [], [], []
-        seen: dict[str, int] = {}
-        for key in keys:
-            n = seen[key] = seen.get(key, -1) + 1  # a clip twice in one step still gets fresh draws
-            seq = np.random.SeedSequence([self.cfg.train.seed, self.step, zlib.crc32(key.encode()), n])
-            g = torch.Generator().manual_seed(int(seq.generate_state(1, np.uint64)[0] >> 1))
-            drops.append(bool(torch.rand((), generator=g) < self.cfg.data.caption_dropout))
-            ts.append(flow.sample_timesteps(1, generator=g, mode=f.timestep_sampling, logit_mean=f.logit_mean,
-                                            logit_std=f.logit_std))
-            noises.append(torch.randn(latent_shape, generator=g))
-        t = flow.shift_timesteps(torch.cat(ts), self.flow_shift(self.num_tokens(latent_shape)))  # (B,)
-        return t, torch.stack(noises), drops  # (B,), (B, C, T', H', W'), [B]
+        return sample_draws(keys, latent_shape, seed=self.cfg.train.seed, step=self.step,
+                            caption_dropout=self.cfg.data.caption_dropout, flow_cfg=self.cfg.flow,
+                            shift=self.flow_shift(self.num_tokens(latent_shape)), noise_device=self.noise_device)
 
     def train_step(self, micro_batches: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """One optimizer step over ``grad_accum_steps`` micro-batches; returns device tensors (no host sync)."""
@@ -524,8 +517,8 @@ class Trainer:
                 text_mask = torch.where(d[:, None], self.null_mask, text_mask)
             return x0, text, text_mask, t, noise
         video = batch["video"].to(self.device, non_blocking=True)  # (B, 3, T, H, W)
-        if video.dtype == torch.uint8:  # video_dtype=uint8: normalise on the device
-            video = video.float() / 127.5 - 1.0
+        if video.dtype == torch.uint8:  # video_dtype=uint8: normalise on the device (bit-equal to the host's)
+            video = to_model_range(video)
         # (B, C, T', H', W') in the model's latent space; with SP each rank of the group encodes a chunk
         x0 = encode_once_per_group(self.vae.encode, video, self.latent_shape(batch),
                                    self.dims.sp_group if self.dist.is_distributed and self.dims.sp_size > 1 else None)
