@@ -13,6 +13,7 @@ from vdit.train.parallel import attention as backends
 from vdit.train.parallel.attention import (
     apply_attention_backend,
     attention_with_lse,
+    call_flash,
     flash_attention,
     flash_attn_available,
     select_attention_backend,
@@ -160,11 +161,92 @@ def test_attention_with_lse_gradients_match_math():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_call_flash_unwraps_fa3_casts_and_fixes_strided_last_dims():
+    """Issue 14 #10, on CPU through the same call: FA3 returns (out, lse); k/v take q's dtype; a slice
+    of a fused KV tensor keeps its strides; a strided last dimension is made contiguous."""
+    q, k, v = _qkv(lq=5, lk=9)
+    seen = {}
+
+    def fa(q, k, v):
+        seen.update(dtypes={x.dtype for x in (q, k, v)}, last=[x.stride(-1) for x in (q, k, v)],
+                    contiguous=[x.is_contiguous() for x in (q, k, v)])
+        return math_attention(q, k, v)
+
+    def fa3(q, k, v):
+        return fa(q, k, v), torch.zeros(q.shape[0], q.shape[2], q.shape[1])
+
+    kv = torch.cat([k, v], dim=-1)  # (B, Lk, H, 2D): k and v as slices, stride(-1) == 1, not contiguous
+    ref = math_attention(q, k, v)
+    torch.testing.assert_close(call_flash(fa, q, kv[..., :8], kv[..., 8:]), ref)
+    assert seen["last"] == [1, 1, 1] and seen["contiguous"] == [True, False, False]
+    kt = k.transpose(-1, -2).contiguous().transpose(-1, -2)  # same values, stride(-1) != 1
+    assert kt.stride(-1) != 1
+    torch.testing.assert_close(call_flash(fa3, q, kt, v.double()), ref)
+    assert seen["last"] == [1, 1, 1] and seen["dtypes"] == {torch.float32}
+
+
+def test_flash_refuses_fp32_and_cpu_tensors(fake_flash, monkeypatch):
+    monkeypatch.setattr(backends, "_FLASH", (lambda q, k, v: q, "fa2"))
+    with pytest.raises(ValueError, match="flash attention needs CUDA fp16/bf16 tensors"):
+        flash_attention(*_qkv())
+    with pytest.raises(ValueError, match="dtype=torch.float32"):
+        flash_attention(*_qkv(dtype=torch.float32))
+
+
+# ----------------------------------------------------------------------------------------- GPU only
+_needs_flash = pytest.mark.skipif(not (torch.cuda.is_available() and flash_attn_available()),
+                                  reason="needs CUDA and flash-attn")
+
+
 @pytest.mark.gpu
-@pytest.mark.skipif(not (torch.cuda.is_available() and flash_attn_available()), reason="needs CUDA and flash-attn")
+@_needs_flash
 def test_flash_matches_sdpa_bf16():
     q, k, v = (t.cuda() for t in _qkv(b=2, lq=256, lk=256, h=4, d=64, dtype=torch.bfloat16))
     core, name = select_attention_backend("auto", "cuda", torch.bfloat16)
     assert name == "flash"
     out = core(q, k, v)
     torch.testing.assert_close(out.float(), sdpa_attention(q, k, v).float(), atol=2e-2, rtol=2e-2)
+
+
+def _rel(a, b):
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.gpu
+@_needs_flash
+@pytest.mark.parametrize("head_dim", [32, 64, 72, 128])
+@pytest.mark.parametrize("lq,lk,sliced", [(256, 256, False), (200, 333, True)])
+def test_flash_forward_and_backward_match_fp32_as_well_as_sdpa(head_dim, lq, lk, sliced):
+    """Values and gradients against an fp32 reference: flash's bf16 error within 2x SDPA's (+ 1e-3).
+    ``sliced``: Lq != Lk and k, v are slices of one fused (B, Lk, H, 2D) tensor (non-contiguous)."""
+    g = torch.Generator(device="cuda").manual_seed(head_dim + lk)
+    q = torch.randn(2, lq, 4, head_dim, device="cuda", generator=g)
+    if sliced:
+        kv = torch.randn(2, lk, 4, 2 * head_dim, device="cuda", generator=g)
+        k, v = kv[..., :head_dim], kv[..., head_dim:]
+    else:
+        k, v = (torch.randn(2, lk, 4, head_dim, device="cuda", generator=g) for _ in range(2))
+    dout = torch.randn(2, lq, 4, head_dim, device="cuda", generator=g)
+    ref_in = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    ref = math_attention(*ref_in)  # fp32
+    ref_grads = torch.autograd.grad(ref, ref_in, dout)
+    flash, _ = select_attention_backend("flash", "cuda", torch.bfloat16)
+    results = {}
+    for name, core in (("flash", flash), ("sdpa", sdpa_attention)):
+        xs = [x.detach().to(torch.bfloat16).requires_grad_() for x in (q, k, v)]
+        out = core(*xs)
+        assert out.shape == (2, lq, 4, head_dim) and out.dtype == torch.bfloat16
+        grads = torch.autograd.grad(out, xs, dout.to(torch.bfloat16))
+        results[name] = [_rel(out, ref)] + [_rel(a, b) for a, b in zip(grads, ref_grads)]
+    for err_flash, err_sdpa in zip(results["flash"], results["sdpa"]):
+        assert err_flash <= 2 * err_sdpa + 1e-3, results
+
+
+@pytest.mark.gpu
+@_needs_flash
+def test_flash_under_compile_has_no_graph_break_and_same_output():
+    q, k, v = (t.cuda() for t in _qkv(b=2, lq=128, lk=96, h=4, d=64, dtype=torch.bfloat16))
+    flash, _ = select_attention_backend("flash", "cuda", torch.bfloat16)
+    explained = torch._dynamo.explain(flash)(q, k, v)
+    assert explained.graph_break_count == 0, explained.break_reasons
+    torch.testing.assert_close(torch.compile(flash)(q, k, v), flash(q, k, v), atol=1e-2, rtol=1e-2)

@@ -54,6 +54,22 @@ def test_resume_reproduces_uninterrupted_losses_exactly(shards, tmp_path, accum,
     assert full.data.state_dict() == resumed.data.state_dict()
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_resume_on_cuda_matches_within_the_stated_tolerance(shards, tmp_path):
+    """On CUDA (bf16 autocast, flash-attn when installed, device noise, uint8 frames) attention
+    backward kernels accumulate with atomics, so a resumed run is not bit-equal to the uninterrupted
+    one: the stated tolerance (README, "Distributed training") is 2e-2 relative per logged loss."""
+    full = Trainer(tiny_cfg(shards, tmp_path / "full", "train.device=cuda"))
+    full.fit()
+    cfg = tiny_cfg(shards, tmp_path / "split", "train.device=cuda")
+    Trainer(cfg).fit(stop_at=3)
+    Trainer(cfg).fit()
+    a, b = losses(tmp_path / "split"), losses(tmp_path / "full")
+    assert len(a) == len(b) == 6
+    torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=2e-2, atol=1e-3)
+
+
 def test_uint8_frames_train_exactly_like_float_frames(shards, tmp_path):
     """data.video_dtype=uint8 (the CUDA default: normalised by the trainer) changes no bit of training."""
     runs = {}

@@ -45,6 +45,7 @@ from vdit.model.attention import Attention, math_attention, sdpa_attention
 
 __all__ = [
     "BACKENDS",
+    "call_flash",
     "flash_attention",
     "flash_attn_available",
     "select_attention_backend",
@@ -117,7 +118,19 @@ def flash_attention(
             f"flash attention needs CUDA fp16/bf16 tensors; got device={q.device}, dtype={q.dtype} "
             "(use the 'sdpa' backend, or run under autocast / a bf16 model)"
         )
-    out = fn(q, k.to(q.dtype), v.to(q.dtype))  # (B, Lq, H, D); FA3 may return (out, lse)
+    return call_flash(fn, q, k, v)
+
+
+def call_flash(fn: Callable, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Call a ``flash_attn_func`` with the inputs it accepts and return only the output.
+
+    ``k``/``v`` are cast to ``q``'s dtype; a tensor whose last dimension is strided (flash-attn
+    requires ``stride(-1) == 1``; other strides, e.g. a slice of a fused KV tensor, are passed as
+    they are) is made contiguous. FA3's ``flash_attn_func`` returns ``(out, softmax_lse)``, FA2's
+    ``out``: both give ``out`` ``(B, Lq, H, D)``.
+    """
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k.to(q.dtype), v.to(q.dtype)))
+    out = fn(q, k, v)  # (B, Lq, H, D), or (out, lse) from FA3
     return out[0] if isinstance(out, tuple) else out
 
 
