@@ -1,4 +1,5 @@
-"""Frozen-encoder work once per sequence-parallel group: each rank encodes its chunk, all get every latent.
+"""Work once per sequence-parallel group: each rank encodes its chunk and all get every latent; rank 0
+alone reads and decodes the batches and the group receives them.
 
 Two gloo ranks. ``encode_once_per_group`` against a local encode for batches of 1, 2 and 3 clips
 (with 1 clip the second rank encodes nothing), and the Trainer with ``parallel.sp_size=2``: its
@@ -15,6 +16,7 @@ import torch.distributed as dist
 from tests.conftest import write_shards
 from tests.multiproc import init_rank, spawn
 from tests.test_train import tiny_cfg
+from vdit.train.parallel.group_batches import group_batches
 from vdit.train.parallel.group_encode import chunk_bounds, encode_once_per_group
 
 pytestmark = pytest.mark.multiproc
@@ -73,3 +75,68 @@ def test_trainer_encodes_a_video_batch_once_per_sp_group(tmp_path):
     assert ranks[0]["key"] == ranks[1]["key"]
     for r in ranks:  # identity autoencoder: the latents are the clips themselves, on both ranks
         assert torch.equal(r["x0"], ranks[0]["video"])
+
+
+def _batches_worker(rank, world, port, out_dir):
+    init_rank(rank, world, port)
+
+    def source():  # rank 0's pipeline: two batches, then a failure
+        for i in range(2):
+            yield {"video": torch.arange(24, dtype=torch.uint8).reshape(1, 3, 2, 2, 2) + i,
+                   "latent": torch.randn(2, 4, generator=torch.Generator().manual_seed(i)).t(),  # not contiguous
+                   "text_mask": torch.tensor([[True, False, True]]), "key": [f"k{i}"], "slot_state": {"pos": i}}
+        raise ValueError("no usable clip in shards/x.tar")
+
+    class NotMine:  # the other ranks' pipelines must not be read
+        def __iter__(self):
+            raise AssertionError(f"rank {rank} read its pipeline")
+
+    it = group_batches(source() if rank == 0 else NotMine(), dist.group.WORLD, torch.device("cpu"))
+    got = [next(it) for _ in range(2)]
+    try:
+        next(it)
+        error = None
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    return {"batches": got, "error": error}
+
+
+def test_rank0_reads_the_batches_and_the_group_receives_them(tmp_path):
+    ranks = spawn(_batches_worker, 2, tmp_path)
+    for i in range(2):
+        a, b = ranks[0]["batches"][i], ranks[1]["batches"][i]
+        assert a.keys() == b.keys() == {"video", "latent", "text_mask", "key", "slot_state"}
+        for k in ("video", "latent", "text_mask"):
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+        assert b["key"] == [f"k{i}"] and b["slot_state"] == {"pos": i}
+    assert ranks[0]["error"] == "ValueError: no usable clip in shards/x.tar"
+    assert ranks[1]["error"].startswith("RuntimeError: the data pipeline of this SP group's rank 0")
+    assert "no usable clip in shards/x.tar" in ranks[1]["error"]
+
+
+def _fit_worker(rank, world, port, out_dir, shards, once):
+    from vdit.data.pipeline import VideoPipeline
+    from vdit.train.trainer import Trainer
+
+    init_rank(rank, world, port)
+    if once and rank == 1:  # SP rank 1 must not decode anything
+        def refuse(self):
+            raise AssertionError("SP rank 1 read its pipeline")
+        VideoPipeline.__iter__ = refuse
+    t = Trainer(tiny_cfg(shards, f"{out_dir}/run{int(once)}", "parallel.backend=none", "parallel.sp_size=2",
+                         "parallel.dp_shard=1", f"data.decode_once_per_group={str(once).lower()}",
+                         "train.steps=4", "train.checkpoint_every=100"))
+    t.fit()
+    return {"state": t.data.state_dict(), "weights": {k: v.clone() for k, v in t.model.state_dict().items()}}
+
+
+def test_training_with_batches_read_once_per_group_equals_reading_on_every_rank(tmp_path):
+    shards = str(tmp_path / "shards")
+    write_shards(shards, 2, 3)
+    runs = {once: spawn(_fit_worker, 2, tmp_path / str(once), shards, once) for once in (True, False)}
+    for once, ranks in runs.items():
+        assert ranks[0]["state"] == ranks[1]["state"], once  # the group holds one data position
+    assert runs[True][0]["state"] == runs[False][0]["state"]
+    for k, v in runs[False][0]["weights"].items():
+        assert torch.equal(v, runs[True][0]["weights"][k]), k
+        assert torch.equal(v, runs[True][1]["weights"][k]), k

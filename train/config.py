@@ -45,7 +45,10 @@ class DataConfig:
     ``buckets.token_budget`` (see :mod:`vdit.data.buckets`); ``num_frames/height/width`` and
     ``batch_size`` are then unused. ``video_dtype=uint8`` ships frames as bytes and normalises on the
     training device (4x less host traffic); ``auto`` (default) is uint8 on CUDA and float32 elsewhere
-    (bit-equal inputs either way). Batches for a CUDA device are pinned (asynchronous copies). A shard read is retried ``read_retries`` times with
+    (bit-equal inputs either way). Batches for a CUDA device are pinned (asynchronous copies).
+    ``decode_once_per_group``: under sequence parallelism, the SP group's rank 0 alone reads and
+    decodes the group's batches and broadcasts them (:mod:`vdit.train.parallel.group_batches`);
+    ``false``: every SP rank decodes the same clips itself. A shard read is retried ``read_retries`` times with
     exponential backoff from ``read_backoff_s``; one attempt is bounded by ``read_timeout_s`` seconds.
 
     Validation data (see ``eval.val_every``): ``val_shards`` is a separate shard spec never trained
@@ -68,6 +71,7 @@ class DataConfig:
     caption_dropout: float = 0.1
     buckets: BucketConfig = field(default_factory=BucketConfig)  # an empty bucket list: fixed shape
     video_dtype: str = "auto"
+    decode_once_per_group: bool = True
     read_retries: int = 2
     read_backoff_s: float = 1.0
     read_timeout_s: Optional[float] = 600.0

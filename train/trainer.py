@@ -48,6 +48,7 @@ from vdit.train.parallel.deepspeed import DeepSpeedState, build_deepspeed, deeps
 from vdit.train.parallel.dims import ParallelDims, init_distributed, resolve_param_dtype
 from vdit.train.parallel.fsdp import (apply_activation_checkpointing, materialize_and_init, materialize_from_state,
                                       parallelize, defer_grad_sync_fits, set_gradient_sync, sync_sp_gradients)
+from vdit.train.parallel.group_batches import group_batches
 from vdit.train.parallel.group_encode import encode_once_per_group
 from vdit.train.parallel.sequence import apply_sequence_parallel, build_sp_groups
 from vdit.train.preemption import Preemption, write_requeue_file
@@ -325,7 +326,7 @@ class Trainer:
         end = cfg.steps if stop_at is None else min(stop_at, cfg.steps)
         logger = RunLogger(self.run_dir, self.cfg.wandb, OmegaConf.to_container(OmegaConf.structured(self.cfg)),
                            cfg.steps, self.step, is_main=self.is_main)
-        batches = iter(self.data)
+        batches = self.batches()
         pending: list[torch.Tensor] = []
         t_last, wait = time.perf_counter(), 0.0
         self.work.flush()  # the interval starts here (counts of steps before fit() belong to no row)
@@ -382,6 +383,13 @@ class Trainer:
             logger.close()
         return {"step": self.step, "checkpoint": self.checkpoints.latest(), "eval": eval_result,
                 "preempted": preempted}
+
+    def batches(self):
+        """The training batches of this rank: its pipeline's, or under sequence parallelism with
+        ``data.decode_once_per_group`` the group's rank 0's, read once and broadcast to the group."""
+        if self.dist.is_distributed and self.dims.sp_size > 1 and self.cfg.data.decode_once_per_group:
+            return group_batches(self.data, self.dims.sp_group, self.device)
+        return iter(self.data)
 
     def _log_eval(self, logger: RunLogger, result: dict[str, Any] | None) -> None:
         """Log an evaluation (rank 0 has the result): :func:`vdit.train.evaluation.log_eval`."""

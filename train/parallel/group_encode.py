@@ -12,16 +12,10 @@ ranks encode nothing and the VAE time per step is one chunk's (the same as befor
 ``1/n`` of it for ``B >= n``). Communication is ``B`` latents per step, e.g. 16 x 21 x 60 x 104
 float32 = 8.4 MB per 81 x 480 x 832 clip, small beside the pixels each rank already holds.
 
-Not shared:
+Not shared here:
 
-* Video decoding still happens on every SP rank: each rank's data pipeline reads and decodes the
-  same clips (in its loader workers), because each must form the same batches, skip the same bad
-  clips and record the same data position. Doing it once per group would mean that only SP rank 0
-  iterates the pipeline and broadcasts each batch (uint8 pixels: 97 MB per 81 x 480 x 832 clip,
-  plus keys, captions and the slot state through ``broadcast_object_list``), that the other ranks
-  commit the received slot state so checkpointed data positions stay equal across the group, and
-  that the fit loop's ``next(batches)`` becomes a group collective (the watchdog and preemption
-  paths with it). That is a change to the data/loop contract, not to encoding, and is left for now.
+* Video decoding is done once per group by :mod:`vdit.train.parallel.group_batches` (the group's
+  rank 0 reads the batches and broadcasts them), not by this module.
 * Text features come from each rank's host cache (:class:`vdit.train.build.TextCache`), where a
   hit (every repeat of a caption) is cheaper than a broadcast.
 """
