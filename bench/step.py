@@ -4,6 +4,7 @@ Run (CPU, fp32; let it have the machine to itself, timings on a loaded machine m
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/step.py                 # hidden 512, 4 blocks, 2048 tokens
     OMP_NUM_THREADS=2 .venv/bin/python bench/step.py --large         # hidden 1024, 8 blocks, 4096 tokens
+    OMP_NUM_THREADS=2 .venv/bin/python bench/step.py --loader 24     # + what the data pipeline could feed
     OMP_NUM_THREADS=1 .venv/bin/python bench/step.py --hidden 64 --heads 2 --ffn 128 --depth 1 \
         --frames 2 --height 8 --width 8 --text-len 8 --text-dim 32 --reps 2 --warmup 1   # smoke run
 
@@ -274,6 +275,43 @@ def print_profile(name: str, times: dict[str, float], wall: float, ops: dict, to
 
 
 # -------------------------------------------------------------------------------------------- main
+def loader_rates(args, clips: int, workers: tuple[int, ...] = (1, 2)) -> dict[str, float]:
+    """Batches per second the data pipeline delivers at the step's pixel shape (batch 1, alone).
+
+    The latent ``(frames, height, width)`` maps to pixels through the Wan VAE's compression (4x in
+    time, causal first frame: ``1 + 4 (frames - 1)``; 8x in space), e.g. 8 x 32 x 32 -> 29 frames
+    of 256 x 256. ``clips`` H.264 clips of that shape (bench/loader_bench.py's moving noisy pattern)
+    are written to webdataset shards in a temporary folder and read by ``VideoPipeline`` (decode,
+    resize, float conversion) with each number of DataLoader workers, timed from the first batch.
+    Measured without a model stepping beside it: what the loader could feed, not what it feeds
+    while the step shares the CPU.
+    """
+    import os
+    import sys
+    import tempfile
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as bench/step.py too
+    from bench.loader_bench import make_clip, write_shards
+    from vdit.data.pipeline import ClipSpec, VideoPipeline
+
+    frames, height, width = 1 + 4 * (args.frames - 1), 8 * args.height, 8 * args.width
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        write_shards(d, [make_clip(i, frames + 8, max(height, width)) for i in range(clips)],
+                     per_shard=max(1, clips // 8))  # enough shards for 2 workers
+        spec = ClipSpec(frames, height, width, target_fps=None, frame_stride=1, seed=args.seed)
+        for w in workers:
+            it = iter(VideoPipeline(d, spec, batch_size=1, num_workers=w))
+            first = next(it)
+            assert tuple(first["video"].shape) == (1, 3, frames, height, width)
+            t0 = time.perf_counter()
+            for _ in range(clips - 1):
+                next(it)
+            out[f"loader_batches_per_s_{w}w"] = (clips - 1) / (time.perf_counter() - t0)
+            del it
+    return out
+
+
 def _r(value: float) -> float:
     return float(f"{value:.4g}")
 
@@ -291,6 +329,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gemm-n", type=int, default=2048, help="size of the square torch.mm giving the GEMM rate")
     p.add_argument("--no-profile", action="store_true")
     p.add_argument("--top-ops", type=int, default=0, help="also print the N costliest ops of each profile category")
+    p.add_argument("--loader", type=int, default=0, metavar="CLIPS",
+                   help="also time the data pipeline over CLIPS clips at this step's pixel shape, 1 and 2 workers")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     shape = SHAPES["large" if args.large else "base"]
@@ -350,6 +390,14 @@ def main(argv=None) -> dict:
               "ref_gemm_frac": _r(flops / summary["ref"][0] / gemm_rate),
               "gflop_per_step": _r(flops / 1e9), "gemm_gflops": _r(gemm_rate / 1e9),
               "tokens": tokens, "threads": torch.get_num_threads(), "optim": args.optim, "forward_max_diff": diff}
+    if args.loader:
+        rates = loader_rates(args, args.loader)
+        step_rate = 1 / summary["ours"][0]
+        print(f"loader (batch 1, {1 + 4 * (args.frames - 1)} x {8 * args.height} x {8 * args.width} pixels): " +
+              ", ".join(f"{v:.2f} batches/s with {k.split('_')[-1][:-1]} worker(s)" for k, v in rates.items()) +
+              f"; our step runs {step_rate:.3f} steps/s: headroom " +
+              ", ".join(f"{v / step_rate:.1f}x" for v in rates.values()))
+        result.update({k: _r(v) for k, v in rates.items()}, steps_per_s=_r(step_rate))
     if not args.no_profile:
         prof_ours, wall, ops = profile_step(ours, ours_forward, runs["ours"][2], inp, ours_categories(ours), rope=True)
         print_profile("ours", prof_ours, wall, ops, args.top_ops)

@@ -31,3 +31,12 @@ def test_step_bench_smoke(capsys):
         assert set(CATEGORIES) <= set(result[name])
     for cat in ("attention", "projections", "norms+modulation", "rope", "mlp", "optimizer", "other"):
         assert result["profile_ours_s"][cat] > 0, cat  # forward hooks and backward attribution reach every one
+
+
+def test_step_bench_reports_loader_headroom(capsys):
+    result = main(TINY + ["--no-profile", "--loader", "3"])
+    out = capsys.readouterr().out
+    assert "loader (batch 1, 5 x 32 x 48 pixels)" in out  # latent 2 x 4 x 6 through the Wan VAE's 4x / 8x
+    for w in (1, 2):
+        assert result[f"loader_batches_per_s_{w}w"] > 0
+    assert result["steps_per_s"] == pytest.approx(1 / result["ours_s"], rel=1e-3)
