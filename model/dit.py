@@ -124,6 +124,11 @@ class DiTConfig:
             ``"across_heads"`` (Wan: RMSNorm over all ``D`` channels of q and k before the head
             split, a ``(D,)`` gain); in self- and cross-attention.
         cross_attn_norm: affine LayerNorm before cross-attention (True, as Wan) or none.
+        cross_attn_zero_init: zero the cross-attention output projection at init (PixArt-alpha), so
+            the text enters as an identity; ``False`` keeps the default Linear init there, so the
+            query/key/value projections get gradients from the first step and a small model learns
+            to use the caption sooner (docs/training-recipe.md). The model output is zero at init
+            either way (the final layer is zeroed).
         mlp_act: the MLP's activation: ``"gelu_tanh"`` (DiT, Wan), ``"gelu"`` or ``"silu"``.
         final_modulation: the final layer's (shift, scale): ``"linear"`` (DiT: ``Linear(SiLU(c))
             -> (B, 2D)``) or ``"table"`` (Wan: ``c + table`` with a learned ``(2, D)`` table and the
@@ -159,6 +164,7 @@ class DiTConfig:
     pooled_text: bool = False
     qk_norm_scope: str = "head"
     cross_attn_norm: bool = True
+    cross_attn_zero_init: bool = True
     mlp_act: str = "gelu_tanh"
     final_modulation: str = "linear"
     rope_split: str = "default"
@@ -608,7 +614,7 @@ class VideoDiT(nn.Module):
             if block.scale_shift_table is not None:
                 nn.init.zeros_(block.scale_shift_table)
                 mark(block.scale_shift_table)
-            if block.cross_attn is not None:
+            if block.cross_attn is not None and self.cfg.cross_attn_zero_init:
                 zeroed.append(block.cross_attn.out_proj)
         for linear in zeroed:
             nn.init.zeros_(linear.weight)

@@ -79,6 +79,24 @@ def test_output_exactly_zero_at_init(modulation):
         assert torch.equal(out, torch.zeros_like(out))
 
 
+def test_cross_attention_output_init_option():
+    """cross_attn_zero_init=False keeps a non-zero cross-attention output (the text changes a block's
+    output from the start, so q/k/v get gradients at step 1); the model output is still exactly 0."""
+    x, t, text, mask = inputs()
+    for zero in (True, False):
+        model = VideoDiT(tiny_cfg(cross_attn_zero_init=zero))
+        w = model.blocks[0].cross_attn.out_proj.weight
+        assert bool(w.abs().sum() == 0) is zero
+        with torch.no_grad():
+            assert torch.equal(model(x, t, text, mask), torch.zeros(x.shape))
+        out = model(x, t, text, mask)
+        model.final_layer.linear.weight.data.normal_()  # let the gradient reach the blocks
+        model(x, t, text, mask).square().mean().backward()
+        q_grad = model.blocks[0].cross_attn.q_proj.weight.grad
+        assert bool(q_grad.abs().sum() > 0) is not zero, zero
+        assert out.shape == x.shape
+
+
 @MODS
 def test_every_block_is_identity_at_init(modulation):
     model = VideoDiT(tiny_cfg(modulation=modulation))
