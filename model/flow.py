@@ -109,11 +109,16 @@ def sample_timesteps(
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
     device: torch.device | str | None = None,
+    uniform_frac: float = 0.0,
 ) -> torch.Tensor:
     """Training times ``t in (0, 1)``, shape ``(B,)`` float32.
 
     ``logit_normal``: ``t = sigmoid(u)``, ``u ~ N(logit_mean, logit_std^2)`` (SD3, Esser et al. 2024,
     Sec. 3.1), which concentrates training on intermediate times. ``uniform``: ``t ~ U(0, 1)``.
+    ``uniform_frac`` > 0 (with ``logit_normal``): each time is instead drawn uniformly with that
+    probability, a mixture that keeps the logit-normal's mid-range focus and covers both ends,
+    where the logit-normal puts almost nothing (``P(t > 0.97)`` = 0.03 % for ``N(0, 1)``) and
+    sampling starts (``t = 1``); 0 draws exactly the plain logit-normal stream.
     Values are clamped to ``[1e-5, 1 - 1e-5]``. Draws happen on the generator's device (CPU when no
     generator is given) and are then moved to ``device``, so a seeded CPU generator gives the same
     numbers on every device.
@@ -125,6 +130,9 @@ def sample_timesteps(
     if mode == "logit_normal":
         u = torch.randn(batch_size, generator=generator, device=gen_device) * logit_std + logit_mean
         t = torch.sigmoid(u)
+        if uniform_frac > 0:
+            pick = torch.rand(batch_size, generator=generator, device=gen_device) < uniform_frac
+            t = torch.where(pick, torch.rand(batch_size, generator=generator, device=gen_device), t)
     elif mode == "uniform":
         t = torch.rand(batch_size, generator=generator, device=gen_device)
     else:

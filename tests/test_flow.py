@@ -55,6 +55,18 @@ def test_timestep_sampling_range_and_determinism():
         flow.sample_timesteps(2, mode="cosine")
 
 
+def test_uniform_frac_mixes_uniform_times_into_the_logit_normal():
+    """uniform_frac=0 is the plain stream; 0.2 covers the ends (t > 0.97: 0.03 % -> ~0.6 %) and keeps
+    80 % of the logit-normal's draws."""
+    plain = flow.sample_timesteps(50000, torch.Generator().manual_seed(2))
+    assert torch.equal(plain, flow.sample_timesteps(50000, torch.Generator().manual_seed(2), uniform_frac=0.0))
+    mixed = flow.sample_timesteps(50000, torch.Generator().manual_seed(2), uniform_frac=0.2)
+    assert (mixed > 0).all() and (mixed < 1).all()
+    assert float((plain > 0.97).float().mean()) < 0.001
+    assert 0.2 * 0.03 * 0.7 < float((mixed > 0.97).float().mean()) < 0.2 * 0.03 * 1.3 + 0.001
+    assert abs(float((mixed == plain).float().mean()) - 0.8) < 0.01  # the other 80 % are the plain draws
+
+
 def test_sampling_timesteps_schedule():
     ts = flow.sampling_timesteps(8, shift=3.0)
     assert ts.shape == (9,) and ts[0] == 1.0 and ts[-1] == 0.0

@@ -72,7 +72,8 @@ def sample_draws(keys: list[str], latent_shape: tuple[int, ...], *, seed: int, s
         g = torch.Generator().manual_seed(int(words[0] >> 1))
         drops.append(bool(torch.rand((), generator=g) < caption_dropout))
         ts.append(flow.sample_timesteps(1, generator=g, mode=flow_cfg.timestep_sampling,
-                                        logit_mean=flow_cfg.logit_mean, logit_std=flow_cfg.logit_std))
+                                        logit_mean=flow_cfg.logit_mean, logit_std=flow_cfg.logit_std,
+                                        uniform_frac=flow_cfg.uniform_frac))
         if noise_device is None:
             noises.append(torch.randn(latent_shape, generator=g))
         else:
