@@ -110,6 +110,7 @@ def sample_timesteps(
     logit_std: float = 1.0,
     device: torch.device | str | None = None,
     uniform_frac: float = 0.0,
+    uniform_min: float = 0.0,
 ) -> torch.Tensor:
     """Training times ``t in (0, 1)``, shape ``(B,)`` float32.
 
@@ -118,7 +119,9 @@ def sample_timesteps(
     ``uniform_frac`` > 0 (with ``logit_normal``): each time is instead drawn uniformly with that
     probability, a mixture that keeps the logit-normal's mid-range focus and covers both ends,
     where the logit-normal puts almost nothing (``P(t > 0.97)`` = 0.03 % for ``N(0, 1)``) and
-    sampling starts (``t = 1``); 0 draws exactly the plain logit-normal stream.
+    sampling starts (``t = 1``); 0 draws exactly the plain logit-normal stream. ``uniform_min``:
+    those uniform times are drawn from ``U(uniform_min, 1)`` (before any shift), to cover only the
+    noisy end.
     Values are clamped to ``[1e-5, 1 - 1e-5]``. Draws happen on the generator's device (CPU when no
     generator is given) and are then moved to ``device``, so a seeded CPU generator gives the same
     numbers on every device.
@@ -132,7 +135,8 @@ def sample_timesteps(
         t = torch.sigmoid(u)
         if uniform_frac > 0:
             pick = torch.rand(batch_size, generator=generator, device=gen_device) < uniform_frac
-            t = torch.where(pick, torch.rand(batch_size, generator=generator, device=gen_device), t)
+            u01 = torch.rand(batch_size, generator=generator, device=gen_device)
+            t = torch.where(pick, uniform_min + (1.0 - uniform_min) * u01, t)
     elif mode == "uniform":
         t = torch.rand(batch_size, generator=generator, device=gen_device)
     else:

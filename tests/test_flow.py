@@ -65,6 +65,10 @@ def test_uniform_frac_mixes_uniform_times_into_the_logit_normal():
     assert float((plain > 0.97).float().mean()) < 0.001
     assert 0.2 * 0.03 * 0.7 < float((mixed > 0.97).float().mean()) < 0.2 * 0.03 * 1.3 + 0.001
     assert abs(float((mixed == plain).float().mean()) - 0.8) < 0.01  # the other 80 % are the plain draws
+    tail = flow.sample_timesteps(50000, torch.Generator().manual_seed(2), uniform_frac=0.1, uniform_min=0.85)
+    drawn = tail[tail != plain]  # U(0.85, 1): 10 % of the draws, none below 0.85
+    assert abs(drawn.numel() / 50000 - 0.1) < 0.01 and float(drawn.min()) >= 0.85
+    assert abs(float((tail > 0.97).float().mean()) - 0.1 * 0.03 / 0.15) < 0.004
 
 
 def test_sampling_timesteps_schedule():

@@ -119,7 +119,8 @@ class FlowConfig:
     """Rectified-flow training objective (x_t = (1 - t) x_0 + t eps, target eps - x_0).
 
     ``timestep_sampling``: ``logit_normal`` (SD3, with ``logit_mean``/``logit_std``) or ``uniform``;
-    ``uniform_frac``: the share of logit-normal draws replaced by uniform ones (both ends covered).
+    ``uniform_frac``: the share of logit-normal draws replaced by uniform ones (both ends covered),
+    drawn from ``U(uniform_min, 1)`` before the shift (``uniform_min`` > 0: the noisy end only).
     ``loss_weighting``: ``velocity`` (plain MSE on the velocity) or ``x0`` (the velocity MSE times
     ``t^2``, i.e. the MSE of the implied clean sample ``x_t - t v``: it stops the low-noise end,
     where the velocity error is the x0 error divided by ``t^2``, from drowning the high-noise end
@@ -137,6 +138,7 @@ class FlowConfig:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     uniform_frac: float = 0.0
+    uniform_min: float = 0.0
     flow_shift: float = 1.0
     shift_base_tokens: Optional[int] = None
 
@@ -467,6 +469,7 @@ _RANGES = {
     "train.keep_last_k": (lambda v: v >= 1, ">= 1"),
     "train.cond_frames_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "flow.uniform_frac": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "flow.uniform_min": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "train.max_cond_frames": (lambda v: v >= 0, ">= 0"),
     "data.num_workers": (lambda v: v >= 0, ">= 0"),
     "text_encoder.cache_bytes": (lambda v: v >= 0, ">= 0"),

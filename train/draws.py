@@ -73,7 +73,7 @@ def sample_draws(keys: list[str], latent_shape: tuple[int, ...], *, seed: int, s
         drops.append(bool(torch.rand((), generator=g) < caption_dropout))
         ts.append(flow.sample_timesteps(1, generator=g, mode=flow_cfg.timestep_sampling,
                                         logit_mean=flow_cfg.logit_mean, logit_std=flow_cfg.logit_std,
-                                        uniform_frac=flow_cfg.uniform_frac))
+                                        uniform_frac=flow_cfg.uniform_frac, uniform_min=flow_cfg.uniform_min))
         if noise_device is None:
             noises.append(torch.randn(latent_shape, generator=g))
         else:
