@@ -552,7 +552,7 @@ class VideoPipeline:
             latent sample counts ``T' H' W'`` tokens. Unused for video shards.
         pin_memory: pin each batch's tensors in page-locked host memory (for a CUDA trainer, whose
             ``non_blocking`` copies are only asynchronous from pinned memory): by the DataLoader's
-            pin thread with workers, in the consuming process without.
+            pin thread with workers and uint8 frames, in the consuming process otherwise.
 
     Iterating yields ``{"video": float32 (B, C, T, H, W) in [-1, 1], "caption": list[str], "key":
     list[str], "bucket": (T, H, W), "num_tokens": int, ...}`` forever (epochs roll over). Call
@@ -634,14 +634,16 @@ class VideoPipeline:
         ds = _WorkerBatches(self)
         if self.num_workers == 0:
             return self._finish(iter(ds))
+        # float32: the consumer converts into a new tensor and pins that; pinning the uint8 would be wasted
+        pin_in_loader = self.pin_memory and self.video_dtype == "uint8"
         loader = DataLoader(ds, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
-                            pin_memory=self.pin_memory, persistent_workers=False, multiprocessing_context="fork"
+                            pin_memory=pin_in_loader, persistent_workers=False, multiprocessing_context="fork"
                             if torch.multiprocessing.get_start_method(allow_none=True) in (None, "fork") else None)
-        return self._finish(iter(loader))  # the loader's pin thread pinned what the workers shipped
+        return self._finish(iter(loader))  # uint8: the loader's pin thread pinned what the workers shipped
 
     def _finish(self, batches: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         """uint8 -> float32 [-1, 1] in the consuming process; with ``pin_memory``, every tensor of the
-        batch not pinned yet (no workers, or a float conversion after the loader's pin thread) is pinned.
+        batch not pinned yet (no workers, or float frames converted here) is pinned.
 
         Workers ship uint8 clips (4x less shared memory than float) and the conversion overlaps
         with their decoding instead of adding to it. ``video_dtype="uint8"`` skips it, for a

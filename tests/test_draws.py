@@ -50,6 +50,16 @@ def test_device_noise_keeps_t_and_dropout_and_draws_other_noise():
     assert nd.device == CPU
 
 
+def test_flow_config_reaches_the_timestep_draws():
+    """flow.uniform_frac / uniform_min travel from the config into every sample's t (then shifted)."""
+    from vdit.model import flow
+
+    cfg = FlowConfig(uniform_frac=1.0, uniform_min=0.99)
+    t, _, _ = sample_draws([f"k{i}" for i in range(64)], SHAPE, seed=0, step=1, caption_dropout=0.0,
+                           flow_cfg=cfg, shift=3.0)
+    assert float(t.min()) >= flow.shift_timesteps(0.99, 3.0) - 1e-6
+
+
 def test_resolve_noise_device():
     assert resolve_noise_device("auto", CPU) is None
     assert resolve_noise_device("host", torch.device("cuda", 0)) is None

@@ -70,6 +70,17 @@ def test_resume_on_cuda_matches_within_the_stated_tolerance(shards, tmp_path):
     torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=2e-2, atol=1e-3)
 
 
+def test_noise_device_setting_reaches_the_trainers_draws(shards, tmp_path):
+    """train.noise_device=device changes the noise (another seeded stream), not t or caption dropout."""
+    draws = {}
+    for mode in ("host", "device"):
+        t = Trainer(tiny_cfg(shards, tmp_path / mode, f"train.noise_device={mode}"))
+        assert t.noise_device == (None if mode == "host" else t.device)
+        draws[mode] = t.sample_randomness(["a", "b"], (3, 4, 32, 32))
+    assert torch.equal(draws["host"][0], draws["device"][0]) and draws["host"][2] == draws["device"][2]
+    assert not torch.equal(draws["host"][1], draws["device"][1])
+
+
 def test_uint8_frames_train_exactly_like_float_frames(shards, tmp_path):
     """data.video_dtype=uint8 (the CUDA default: normalised by the trainer) changes no bit of training."""
     runs = {}
