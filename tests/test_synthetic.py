@@ -174,3 +174,73 @@ def test_radius_frac_bounds_every_ball(radius_frac):
             assert max(lo * 32, 2.5) - 1e-9 <= b.radius <= max(hi * 32, 3.5) + 1e-9
     with pytest.raises(ValueError, match="radius_frac"):
         random_scene(np.random.default_rng(0), 32, 32, 16, 12.0, (0.2, 0.1))
+
+
+def _third(x: float, width: int) -> int:
+    return min(2, int((x + 0.5) / width * 3))
+
+
+def test_caption_names_each_balls_third_on_request():
+    words = ("on the left", "in the middle", "on the right")
+    for seed in range(30):
+        p = random_scene(np.random.default_rng(seed), 32, 32, 16, 12.0)
+        text = caption(p, start_third=True)
+        for b in p.balls:
+            assert f"{b.color} ball {words[_third(b.x, p.width)]}" in text, text
+        assert not any(w in caption(p) for w in words)  # the default caption does not
+    # clips drawn with a narrowed spread are captioned with their third, full-variety clips are not
+    assert "ball on the" in make_clip(0, 32, 32, 16, 12.0, spread=0.0)[1] or \
+        "ball in the middle" in make_clip(0, 32, 32, 16, 12.0, spread=0.0)[1]
+    assert not any(w in make_clip(0, 32, 32, 16, 12.0)[1] for w in words)
+
+
+def test_spread_zero_makes_the_motion_a_function_of_the_caption():
+    """With spread 0 two one-ball scenes with the same scene type, direction and third move alike:
+    the same gravity, restitution, friction, floor band, start point (the third's centre) and speeds."""
+    seen: dict[tuple, tuple] = {}
+    for seed in range(120):
+        p = random_scene(np.random.default_rng(seed), 32, 32, 16, 12.0, spread=0.0)
+        if len(p.balls) != 1:
+            continue
+        b = p.balls[0]
+        key = (p.scene, b.vx > 0, _third(b.x, p.width))
+        # start height as a share of the ball's own vertical room (the radius varies with the size word)
+        y_top, span = b.radius - 0.5, p.floor_line - 2 * b.radius + 0.5
+        motion = (p.gravity, p.restitution, p.friction, p.floor_height, round(abs(b.vx), 9),
+                  round((b.y - y_top - 1) / span, 9) if p.scene != "throw" else None)
+        if key in seen:
+            assert motion == seen[key], (key, motion, seen[key])
+        seen[key] = motion
+        if p.scene in ("drop", "bounce"):
+            centre = (_third(b.x, p.width) + 0.5) * p.width / 3 - 0.5
+            lo, hi = b.radius - 0.5, p.width - 0.5 - b.radius
+            assert b.x == pytest.approx(min(max(centre, lo), hi))
+    assert len(seen) >= 6
+
+
+@pytest.mark.parametrize("spread", [0.0, 0.3])
+def test_spread_narrows_the_ranges_around_their_middle(spread):
+    for seed in range(40):
+        p = random_scene(np.random.default_rng(seed), 32, 32, 16, 12.0, spread=spread)
+        g64 = p.gravity * 64 / 32
+        assert 275 - spread * 125 - 1e-6 <= g64 <= 275 + spread * 125 + 1e-6
+        assert abs(p.friction - 0.15) <= spread * 0.15 + 1e-9
+        for b in p.balls:
+            if p.scene != "throw":
+                centre = (_third(b.x, p.width) + 0.5) * p.width / 3 - 0.5
+                lo, hi = b.radius - 0.5, p.width - 0.5 - b.radius
+                assert abs(b.x - min(max(centre, lo), hi)) <= spread * p.width / 6 + 1e-6
+    with pytest.raises(ValueError, match="spread"):
+        random_scene(np.random.default_rng(0), 32, 32, 16, 12.0, spread=1.5)
+
+
+def test_full_spread_draws_the_same_scenes_as_before():
+    """spread=1 (the default) keeps the scenes the renderer drew before the option existed
+    (values recorded from that version)."""
+    known = {0: ("bounce", 80.12169049202434, 16.612953235822573, 16.52036351944353),
+             1: ("throw", 93.01995158995422, 28.402344220835207, 18.060203113278952),
+             2: ("bounce", 176.77821757428504, 9.449488681492513, 13.297215508673737)}
+    for seed, (scene, gravity, x, y) in known.items():
+        p = random_scene(np.random.default_rng(seed), 32, 32, 16, 12.0, spread=1.0)
+        assert p.scene == scene
+        assert (p.gravity, p.balls[0].x, p.balls[0].y) == pytest.approx((gravity, x, y), rel=1e-12)
