@@ -41,6 +41,8 @@ def _check_options(cfg: "DiTConfig") -> None:
         raise ValueError(f"pos_embed={cfg.pos_embed!r} is not one of {list(POS_EMBEDS)}")
     if not 0.0 < cfg.x0_t_min <= 1.0:
         raise ValueError(f"x0_t_min={cfg.x0_t_min} must be in (0, 1]")
+    if not cfg.sigma_data > 0:
+        raise ValueError(f"sigma_data={cfg.sigma_data} must be > 0")
     for name, allowed in (("qk_norm_scope", QK_NORM_SCOPES), ("mlp_act", MLP_ACTIVATIONS),
                           ("final_modulation", FINAL_MODULATIONS), ("rope_split", ROPE_SPLITS),
                           ("text_padding", TEXT_PADDINGS)):
@@ -79,7 +81,12 @@ class DiTConfig:
             the loss and every sampler stay in velocity ("x-prediction, v-loss", Li & He 2025,
             arXiv 2511.13720). x0 suits small models in pixel space: near ``t = 1`` a velocity net
             must reproduce its input through LayerNorms, an x0 net only outputs ``E[x0 | text]``.
+            ``"edm"``: EDM's preconditioning (:func:`vdit.model.flow.edm_preconditioning`): the net
+            sees ``x_t / D(t)`` and its output is mixed with ``x_t`` so that it is an x0 prediction at
+            ``t = 1`` and a small correction of ``x_t`` near data, where x0 prediction must carry every
+            pixel of detail through the network. Output, loss and samplers stay in velocity.
         x0_t_min: lower clamp of ``t`` in the x0 -> velocity conversion.
+        sigma_data: the data's standard deviation for ``prediction="edm"`` (0.5 for pixels in [-1, 1]).
         pos_embed: ``"none"`` (3D RoPE only: relative positions, what Wan does) or ``"sincos"`` (add a
             fixed absolute 3D sin-cos table after the patch embedding, as DiT does). From pure noise
             a RoPE-only model has no absolute cue for where a token is (the floor is at the bottom);
@@ -127,6 +134,7 @@ class DiTConfig:
     modulation: str = "per_block"
     prediction: str = "velocity"
     x0_t_min: float = 0.05
+    sigma_data: float = 0.5
     pos_embed: str = "none"
     pooled_text: bool = False
     qk_norm_scope: str = "head"

@@ -45,7 +45,7 @@ from torch import nn
 from .attention import Attention
 from .config import (FINAL_MODULATIONS, MODULATIONS, POS_EMBEDS, TEXT_PADDINGS, DiTConfig,
                      _check_modulation, _check_options, num_tokens)
-from .flow import velocity_from_x0
+from .flow import edm_preconditioning, velocity_from_x0
 from .layers import (Mlp, PatchEmbed3D, TextProjection, TimestepEmbedding, TokenFrames, modulate, per_frame_apply,
                      per_sample_term, per_token)
 from .rope import RotaryEmbedding3D, rope_axes_dim
@@ -242,7 +242,7 @@ class VideoDiT(nn.Module):
         self.patch_size = tuple(int(p) for p in cfg.patch_size)
         self.in_channels = cfg.in_channels
         self.cross_attention = bool(cfg.cross_attention)
-        self.prediction, self.x0_t_min = cfg.prediction, float(cfg.x0_t_min)
+        self.prediction, self.x0_t_min, self.sigma_data = cfg.prediction, float(cfg.x0_t_min), float(cfg.sigma_data)
         self.patch_embed = PatchEmbed3D(self.patch_size, cfg.in_channels, cfg.hidden_size, cfg.pos_embed)
         head_dim = cfg.hidden_size // cfg.num_heads
         self.rope = RotaryEmbedding3D(head_dim, theta=cfg.rope_theta, axes_dim=rope_axes_dim(head_dim, cfg.rope_split),
@@ -279,7 +279,7 @@ class VideoDiT(nn.Module):
         text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict the flow velocity ``noise - x0`` at ``x_t`` (converted from an x0 prediction when
-        ``cfg.prediction == "x0"``).
+        ``cfg.prediction == "x0"``, from EDM's preconditioned output when ``"edm"``).
 
         Args:
             x: ``(B, C, T, H, W)`` noisy latent ``x_t``.
@@ -309,7 +309,12 @@ class VideoDiT(nn.Module):
             raise ValueError(f"text must be (B, Lc, text_dim) with B={x.shape[0]}; got {tuple(text.shape)}")
         _, _, T, H, W = x.shape
         grid = self.patch_embed.grid_size(T, H, W)  # (T', H', W'); raises if indivisible
-        h = self.patch_embed(x)  # (B, L, D)
+        if self.prediction == "edm":  # EDM preconditioning, in fp32 like t
+            t_x = t.float()[:, None, None, None, None] if t.ndim == 1 else t.float()[:, None, :, None, None]
+            c_in, c_vx, c_vf = edm_preconditioning(t_x, self.sigma_data)  # (B, 1, T or 1, 1, 1) each
+            h = self.patch_embed((x * c_in).to(x.dtype))  # (B, L, D)
+        else:
+            h = self.patch_embed(x)  # (B, L, D)
         rope = self.rope(grid, device=x.device)  # (cos, sin), each (L, Dh)
         token_frames = None
         if t.ndim == 2:  # per-frame times: conditioning per temporal token slice, picked per token in the blocks
@@ -351,6 +356,8 @@ class VideoDiT(nn.Module):
         if self.prediction == "x0":
             t_x = t if t.ndim == 1 else t.to(out.dtype)[:, None, :, None, None]  # (B,) or (B, 1, T, 1, 1)
             out = velocity_from_x0(out, x.to(out.dtype), t_x, self.x0_t_min)  # (B, C, T, H, W) velocity
+        elif self.prediction == "edm":
+            out = (c_vx * x + c_vf * out).to(out.dtype)  # (B, C, T, H, W) velocity
         return out
 
     def _grid_times(self, t: torch.Tensor) -> torch.Tensor:

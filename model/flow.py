@@ -31,11 +31,12 @@ __all__ = [
     "sample_ode",
     "PREDICTIONS",
     "SOLVERS",
+    "edm_preconditioning",
     "velocity_from_x0",
     "x0_from_velocity",
 ]
 
-PREDICTIONS = ("velocity", "x0")  # what the network's raw output means (DiTConfig.prediction)
+PREDICTIONS = ("velocity", "x0", "edm")  # what the network's raw output means (DiTConfig.prediction)
 SOLVERS = ("euler", "heun")
 
 _T_EPS = 1e-5  # sampled training times are clamped to [eps, 1 - eps] so they lie strictly inside (0, 1)
@@ -92,6 +93,38 @@ def velocity_from_x0(x0_pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor |
     t = _expand(t, x_t)
     t = t.clamp_min(t_min) if isinstance(t, torch.Tensor) else max(float(t), t_min)
     return (x_t - x0_pred) / t
+
+
+def edm_preconditioning(t: torch.Tensor | float, sigma_data: float = 0.5):
+    """EDM's preconditioning (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
+    Generative Models", Table 1) on the straight path ``x_t = (1 - t) x0 + t noise``.
+
+    With ``D = sqrt(t^2 + sigma_data^2 (1 - t)^2)`` (the std of ``x_t`` for data of std ``sigma_data``),
+    the network ``F`` sees ``c_in x_t`` and the clean estimate is ``x0_hat = c_skip x_t + c_out F``
+    with ``c_in = 1 / D``, ``c_skip = sigma_data^2 (1 - t) / D^2``, ``c_out = t sigma_data / D``:
+    EDM's coefficients at noise level ``t / (1 - t)`` after rescaling ``x_t`` by ``1 / (1 - t)``.
+    Near data (``t -> 0``) the estimate is ``x_t`` plus a small learned correction, so fine detail
+    passes through the skip term instead of through the network; at ``t = 1`` it is ``sigma_data F``,
+    an x0 prediction. This returns the velocity form ``v = (x_t - x0_hat) / t = c_vx x_t + c_vf F``
+    with ``c_vx = (t - sigma_data^2 (1 - t)) / D^2`` and ``c_vf = -sigma_data / D``: finite at every
+    ``t`` in ``[0, 1]``, with no division by ``t``.
+
+    Args:
+        t: ``(B,)`` or ``(B, 1, ..., 1)`` flow times in ``[0, 1]``, or a float.
+        sigma_data: the data's standard deviation (EDM's 0.5 for pixels in ``[-1, 1]``).
+
+    Returns:
+        ``(c_in, c_vx, c_vf)``, each shaped like ``t``.
+
+    Raises:
+        ValueError: if ``sigma_data <= 0``.
+    """
+    if not sigma_data > 0:
+        raise ValueError(f"sigma_data must be > 0; got {sigma_data}")
+    s2 = float(sigma_data) ** 2
+    d2 = t * t + s2 * (1 - t) * (1 - t)
+    d = d2 ** 0.5
+    return 1 / d, (t - s2 * (1 - t)) / d2, -float(sigma_data) / d
 
 
 def x0_from_velocity(x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:

@@ -62,6 +62,8 @@ def test_typo_in_a_group_file_fails(tmp_path):
     ("model.num_heads=3", "num_heads"),
     ("train.precision=fp8", "train.precision"),
     ("eval.physics_radius_frac=[0.2,0.1]", "eval.physics_radius_frac"),
+    ("eval.physics_scene_spread=1.5", "eval.physics_scene_spread"),
+    ("model.sigma_data=0", "sigma_data"),
     ("eval.cfg_interval=[0.5]", "eval.cfg_interval"),
 ])
 def test_invalid_values_fail_with_the_key(override, match):

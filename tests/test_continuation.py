@@ -54,7 +54,7 @@ def _text_fn(prompts):
 # ------------------------------------------------------------------------------------------ model
 @pytest.mark.parametrize("opts", [
     dict(), dict(modulation="shared", final_modulation="table"), dict(prediction="x0", pooled_text=True),
-    dict(cross_attention=False, pos_embed="sincos"), dict(patch_size=[2, 2, 2]),
+    dict(prediction="edm"), dict(cross_attention=False, pos_embed="sincos"), dict(patch_size=[2, 2, 2]),
 ])
 def test_equal_per_frame_times_give_exactly_the_per_sample_output(opts):
     model = _randomize(VideoDiT(_cfg(**opts)))
@@ -63,6 +63,21 @@ def test_equal_per_frame_times_give_exactly_the_per_sample_output(opts):
         ref = model(x, t, text, mask)
         per_frame = model(x, t[:, None].expand(-1, x.shape[2]).contiguous(), text, mask)
     assert torch.equal(per_frame, ref)
+
+
+def test_edm_prediction_preconditions_each_frame_with_its_own_time():
+    # adaLN-Zero init: the network outputs F = 0, so the velocity is c_vx(t_f) x_t per frame:
+    # -x_t at t = 0 (x0_hat = x_t) and x_t at t = 1 (x0_hat = 0)
+    model = VideoDiT(_cfg(prediction="edm", sigma_data=0.5))
+    x, _, text, mask = _inputs((3, 4, 6))
+    t = torch.tensor([[0.0, 0.5, 0.9], [0.3, 0.3, 1.0]])
+    with torch.no_grad():
+        v = model(x, t, text, mask)
+    _, c_vx, _ = flow.edm_preconditioning(t[:, None, :, None, None], 0.5)
+    assert torch.allclose(v, c_vx * x, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(v[0, :, 0], -x[0, :, 0]) and torch.allclose(v[1, :, 2], x[1, :, 2])
+    with pytest.raises(ValueError, match="sigma_data"):
+        VideoDiT(_cfg(prediction="edm", sigma_data=0.0))
 
 
 def test_per_frame_times_modulate_each_frame_and_convert_x0_per_frame():

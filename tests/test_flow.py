@@ -181,3 +181,24 @@ def test_x0_velocity_conversions_invert_each_other():
     assert torch.allclose(flow.velocity_from_x0(x0, xs, small, t_min=0.05), (xs - x0) / 0.05)
     with pytest.raises(ValueError, match="t_min"):
         flow.velocity_from_x0(x0, xt, t, t_min=0.0)
+
+
+def test_edm_preconditioning_is_edms_estimate_in_velocity_form():
+    """v = c_vx x_t + c_vf F is the velocity of EDM's x0_hat = c_skip x_t + c_out F (Karras et al. 2022,
+    Table 1, at noise level t / (1 - t) on x_t / (1 - t)); it is x_t near data and an x0 prediction at t = 1."""
+    g = torch.Generator().manual_seed(0)
+    xt, F = torch.randn(6, 3, generator=g), torch.randn(6, 3, generator=g)
+    t = torch.tensor([0.0, 0.1, 0.3, 0.5, 0.9, 1.0])[:, None]
+    for sigma in (0.5, 1.3):
+        c_in, c_vx, c_vf = flow.edm_preconditioning(t, sigma)
+        v = c_vx * xt + c_vf * F
+        # EDM in its own variables: y = x_t / (1 - t), noise level s = t / (1 - t) (t < 1)
+        s, y = t[:-1] / (1 - t[:-1]), xt[:-1] / (1 - t[:-1])
+        c_skip, c_out = sigma ** 2 / (s ** 2 + sigma ** 2), s * sigma / (s ** 2 + sigma ** 2).sqrt()
+        x0_edm = c_skip * y + c_out * F[:-1]
+        assert torch.allclose(flow.x0_from_velocity(xt[:-1], v[:-1], t[:-1]), x0_edm, atol=1e-5)
+        assert torch.allclose((c_in * xt)[:-1], y / (s ** 2 + sigma ** 2).sqrt(), atol=1e-5)  # EDM's c_in y
+        assert torch.allclose(flow.x0_from_velocity(xt, v, t)[0], xt[0])  # t = 0: the input itself
+        assert torch.allclose(flow.x0_from_velocity(xt, v, t)[-1], sigma * F[-1])  # t = 1: sigma_data F
+    with pytest.raises(ValueError, match="sigma_data"):
+        flow.edm_preconditioning(t, 0.0)
