@@ -26,13 +26,12 @@ import os
 import sys
 import zlib
 
-import torch
-
 import numpy as np
+import torch
 
 from vdit.data.pipeline import ClipSpec, VideoPipeline
 from vdit.data.synthetic import render
-from vdit.data.transforms import to_uint8_video
+from vdit.data.transforms import to_model_range, to_uint8_video
 from vdit.eval.fidelity import rescale_scene, scene_fidelity
 from vdit.eval.hook import eval_prompts, score_videos, training_scenes, write_samples
 from vdit.eval.sample import generate, load_run
@@ -81,7 +80,7 @@ def one_step_scene_fidelity(model, encode_text, vae, device, scenes, height: int
         return {}
     params = [rescale_scene(p, height, width, num_frames, fps) for _, p in scenes]
     frames = torch.from_numpy(np.stack([render(p) for p in params]))  # (B, T, H, W, 3) uint8
-    x0 = vae.encode((frames.permute(0, 4, 1, 2, 3).float() / 127.5 - 1).to(device))  # (B, C, T', H', W')
+    x0 = vae.encode(to_model_range(frames.permute(0, 4, 1, 2, 3)).to(device))  # (B, C, T', H', W')
     text, mask = encode_text([c for c, _ in scenes])
     g = torch.Generator().manual_seed(zlib.crc32(b"probe-scenes"))
     noise = torch.randn(x0.shape, generator=g).to(device)
@@ -108,19 +107,17 @@ def main(argv: list[str] | None = None) -> int:
     d = cfg.data
     model.eval()
     encode_text = TextCache(text_encoder, cfg.text_encoder.max_length, dev)
+    scenes = training_scenes(d.shards, 0.0 if d.val_shards else d.val_fraction)[:args.clips]
     report = {"step": step, "one_step": one_step_errors(cfg, model, encode_text, vae, dev, args.clips),
-              "one_step_scenes": one_step_scene_fidelity(
-                  model, encode_text, vae, dev, training_scenes(d.shards, 0.0 if d.val_shards else d.val_fraction)[:args.clips],
-                  d.height, d.width, d.num_frames, d.target_fps or 8.0)}
+              "one_step_scenes": one_step_scene_fidelity(model, encode_text, vae, dev, scenes, d.height, d.width,
+                                                         d.num_frames, d.target_fps or 8.0)}
     print(json.dumps(report["one_step"], indent=1))
     print(json.dumps({k: round(v, 3) for k, v in report["one_step_scenes"].items()}))
-    if args.samplers == "none":
-        return 0
     e = cfg.eval
     samplers = args.samplers or f"{e.solver}:{e.num_steps}:{e.cfg_scale}:{e.flow_shift}"
     prompts, params, kinds = eval_prompts(cfg)
     report["samplers"] = {}
-    for spec in samplers.split(","):
+    for spec in [] if samplers == "none" else samplers.split(","):
         solver, steps, cfg_scale, shift, *interval = spec.split(":")
         cfg_interval = tuple(float(x) for x in interval[0].split("-")) if interval else (0.0, 1.0)
         videos = generate(model, encode_text, vae, prompts, d.num_frames, d.height, d.width, int(steps),
@@ -131,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         row = {k: None if m["mean"] is None else round(m["mean"], 3) for k, m in metrics.items() if k.startswith("gen/")}
         report["samplers"][spec] = row
         print(spec, json.dumps(row))
+    os.makedirs(os.path.join(args.run_dir, "probe"), exist_ok=True)
     with open(os.path.join(args.run_dir, "probe", "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     return 0

@@ -95,7 +95,7 @@ def velocity_from_x0(x0_pred: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor |
     return (x_t - x0_pred) / t
 
 
-def edm_preconditioning(t: torch.Tensor | float, sigma_data: float = 0.5):
+def edm_preconditioning(t: torch.Tensor | float, sigma_data: float = 0.5) -> tuple:
     """EDM's preconditioning (Karras et al. 2022, "Elucidating the Design Space of Diffusion-Based
     Generative Models", Table 1) on the straight path ``x_t = (1 - t) x0 + t noise``.
 

@@ -80,6 +80,24 @@ def test_edm_prediction_preconditions_each_frame_with_its_own_time():
         VideoDiT(_cfg(prediction="edm", sigma_data=0.0))
 
 
+def test_edm_prediction_is_the_x0_network_on_the_scaled_input_mixed_with_x_t():
+    """With the same random weights, an x0 model fed ``c_in x_t`` reveals the network output
+    ``F = c_in x_t - t v_x0``; the EDM model must return ``c_vx x_t + c_vf F`` (fails if ``c_in`` or
+    the mixing is wrong or missing)."""
+    x0_model = _randomize(VideoDiT(_cfg(prediction="x0", x0_t_min=1e-3)))
+    edm_model = VideoDiT(_cfg(prediction="edm", sigma_data=0.7))
+    edm_model.load_state_dict(x0_model.state_dict())
+    x, _, text, mask = _inputs((3, 4, 6), b=3)
+    t = torch.tensor([0.3, 0.8, 1.0])
+    c_in, c_vx, c_vf = flow.edm_preconditioning(t[:, None, None, None, None], 0.7)
+    with torch.no_grad():
+        scaled = c_in * x
+        F = scaled - t[:, None, None, None, None] * x0_model(scaled, t, text, mask)  # the raw network output
+        got = edm_model(x, t, text, mask)
+    assert F.abs().mean() > 1e-3  # the network is not at its zero init
+    assert torch.allclose(got, c_vx * x + c_vf * F, rtol=1e-4, atol=1e-5)
+
+
 def test_per_frame_times_modulate_each_frame_and_convert_x0_per_frame():
     # adaLN-Zero init: the network outputs x0_pred = 0, so the velocity is x_t / max(t_f, t_min) per frame
     model = VideoDiT(_cfg(prediction="x0", x0_t_min=0.05))
